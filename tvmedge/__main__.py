@@ -1,0 +1,7 @@
+"""``python -m tvmedge`` is the ``tvmedge`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Compile an imported Relax model for a target into a deployable artifact (``.tar``).
+
+The artifact holds ``model.so`` (the Relax VM executable and its kernels, linked for the
+device — cross-linked with the target's compiler — with the weights embedded as
+constants) and ``metadata.json`` (inputs, outputs, target, TVM version, model hash,
+rewrites and tuning database applied). The device needs only the plain TVM runtime:
+``tvm.runtime.load_module`` + ``relax.VirtualMachine``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import TvmedgeError
+from .frontend import ImportedModel
+from .target import Device
+
+LIB_NAME = "model.so"
+META_NAME = "metadata.json"
+FORMAT_VERSION = 1
+
+
+def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | None = None):
+    """Compile the Relax module to a VM executable, applying tuning records if given."""
+    import tvm
+    from tvm import relax
+
+    mod = model.mod
+    target = device.target
+    try:
+        if tuning_db is not None:
+            from .tune.database import apply_database
+
+            return apply_database(mod, target, tuning_db)
+        if device.device == "cuda":
+            from tvm.s_tir import dlight as dl
+
+            with target:
+                mod = relax.get_pipeline("zero")(mod)
+                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        return tvm.compile(mod, target=target)
+    except TvmedgeError:
+        raise
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise TvmedgeError(f"compilation for {device.name} failed: {first.strip()}") from e
+
+
+def export_library(executable, device: Device, path: str | os.PathLike) -> None:
+    """Write the shared library, cross-linked for the device when it is not this machine."""
+    fcompile = device.linker()
+    try:
+        if fcompile is None:
+            executable.export_library(str(path))
+        else:
+            executable.export_library(str(path), fcompile=fcompile)
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise TvmedgeError(f"linking the library for {device.name} failed: {first.strip()}") from e
+
+
+def metadata(model: ImportedModel, device: Device, tuning_db: str | None, seconds: float) -> dict[str, Any]:
+    import tvm
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": LIB_NAME,
+        "inputs": [i.to_dict() for i in model.inputs],
+        "outputs": [o.to_dict() for o in model.outputs],
+        "target": device.target_json,
+        "device": {"name": device.name, "kind": device.device, "rpc_key": device.rpc_key,
+                   "cross_compiler": device.cross_compiler, "report": device.report},
+        "tvm_version": tvm.__version__,
+        "model": {"source": os.path.basename(model.source), "format": model.format, "sha256": model.sha256},
+        "rewrites": model.rewrites,
+        "tuning_db": str(tuning_db) if tuning_db else None,
+        "weights": "embedded in the library as constants",
+        "compile_seconds": round(seconds, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
+                  tuning_db: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Compile ``model`` for ``device`` and write the artifact ``out`` atomically."""
+    out = Path(out)
+    if out.suffix != ".tar":
+        raise TvmedgeError(f"artifact name must end in .tar: {out}")
+    t0 = time.perf_counter()
+    executable = lower(model, device, tuning_db)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tvmedge-build-") as tmp:
+        lib = Path(tmp) / LIB_NAME
+        export_library(executable, device, lib)
+        meta = metadata(model, device, str(tuning_db) if tuning_db else None, time.perf_counter() - t0)
+        meta["library_bytes"] = lib.stat().st_size
+        partial = out.with_name(f".{out.name}.partial")
+        with tarfile.open(partial, "w") as tar:
+            tar.add(lib, arcname=LIB_NAME)
+            data = json.dumps(meta, indent=2).encode()
+            info = tarfile.TarInfo(META_NAME)
+            info.size = len(data)
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+        os.replace(partial, out)
+    return meta
+
+
+def read_artifact(path: str | os.PathLike, extract_to: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Unpack an artifact; returns the library path and the metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise TvmedgeError(f"artifact not found: {path}")
+    try:
+        with tarfile.open(path) as tar:
+            names = set(tar.getnames())
+            if not {LIB_NAME, META_NAME} <= names:
+                raise TvmedgeError(f"{path.name} is not a tvmedge artifact (needs {LIB_NAME} and {META_NAME})")
+            tar.extractall(extract_to, filter="data")
+    except tarfile.TarError as e:
+        raise TvmedgeError(f"cannot read artifact {path.name}: {e}") from None
+    meta = json.loads((Path(extract_to) / META_NAME).read_text())
+    return Path(extract_to) / LIB_NAME, meta

@@ -1,0 +1,200 @@
+"""The ``tvmedge`` command line: one sub-command per pipeline verb.
+
+Errors a user can cause print one line (``error: ...``) on stderr and exit 1; ``--verbose``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import TvmedgeError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+# ---------------------------------------------------------------- compile
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .build import compile_model
+    from .frontend import load_model, parse_shapes
+    from .target import resolve
+
+    device = resolve(args.target)
+    model = load_model(args.model, parse_shapes(args.input_shape))
+    meta = compile_model(model, device, args.output, tuning_db=args.tuning_db)
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        ins = ", ".join(f"{i['name']}{i['shape']}" for i in meta["inputs"])
+        print(f"compiled {os.path.basename(args.model)} for {device.name} "
+              f"({meta['target'].get('kind')}, {meta['target'].get('mtriple') or meta['target'].get('arch', '')}) "
+              f"in {meta['compile_seconds']:.1f}s -> {args.output} "
+              f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}]")
+    return 0
+
+
+# ---------------------------------------------------------------- run
+def _session(args: argparse.Namespace):
+    if not (args.rpc_tracker or args.rpc_host):
+        if args.rpc_key:
+            raise TvmedgeError("--rpc-key needs --rpc-tracker HOST:PORT")
+        return None
+    from .deploy import rpc
+
+    if args.rpc_tracker:
+        if not args.rpc_key:
+            raise TvmedgeError("--rpc-tracker needs --rpc-key KEY")
+        return rpc.connect(tracker=rpc.parse_host_port(args.rpc_tracker), key=args.rpc_key,
+                           timeout=args.rpc_timeout)
+    return rpc.connect(host_port=rpc.parse_host_port(args.rpc_host), timeout=args.rpc_timeout)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import load_inputs, run_artifact, save_outputs
+    from .build import read_artifact
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, meta = read_artifact(args.artifact, tmp)
+    inputs = load_inputs(args.inputs, meta["inputs"])
+    session = _session(args)
+    res = run_artifact(args.artifact, inputs, repeat=args.repeat, threads=args.threads, session=session)
+    if args.rpc_tracker or args.rpc_host:
+        res.device = f"rpc:{args.rpc_key or args.rpc_host}"
+    if args.outputs:
+        save_outputs(args.outputs, res)
+    info = res.to_json()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    lat = info["latency_ms"]
+    print(f"{os.path.basename(args.artifact)} on {info['device']} ({meta['device']['name']}, "
+          f"{info['threads']} threads, {info['repeat']} runs): median {lat['median']:.3f} ms, "
+          f"p90 {lat['p90']:.3f} ms, min {lat['min']:.3f} ms ({1e3 / lat['median']:.1f} FPS)")
+    for o in info["outputs"]:
+        print(f"  {o['name']}: {o['dtype']}{o['shape']} mean {o['mean']:.4g} min {o['min']:.4g} max {o['max']:.4g}")
+    return 0
+
+
+# ---------------------------------------------------------------- zoo
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    if args.json:
+        print(json.dumps([{"name": e.name, "input_shape": list(e.input_shape), "trained": e.trained,
+                           "description": e.description} for e in zoo.ZOO.values()]))
+        return 0
+    for e in zoo.ZOO.values():
+        shape = "x".join(map(str, e.input_shape))
+        print(f"{e.name:14s} {e.input_name}:{shape:14s} {e.description}")
+    return 0
+
+
+def cmd_zoo_export(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    path = zoo.export(args.name, args.output)
+    print(f"exported {args.name} -> {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo (the README's main job)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------- parser
+def _add_rpc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="run on a device reached through this RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", help="device key at the tracker (e.g. pi4)")
+    p.add_argument("--rpc-host", metavar="HOST:PORT", help="run on this RPC server directly (no tracker)")
+    p.add_argument("--rpc-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for a free device (default 60)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvmedge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model into a deployable library (.tar)")
+    p.add_argument("model", help="ONNX (.onnx), torch.export program (.pt2) or TFLite (.tflite)")
+    p.add_argument("-o", "--output", required=True, help="artifact to write (.tar)")
+    p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
+    p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
+    p.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact here or on a device over RPC and time it")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: random, seeded)")
+    p.add_argument("--outputs", metavar="OUT.npz", help="write outputs here, in output order")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_rpc_args(p)
+    p.set_defaults(func=cmd_run)
+
+    zp = sub.add_parser("zoo", help="reference models").add_subparsers(dest="zoo_command", required=True)
+    p = zp.add_parser("list", help="list the zoo models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_zoo_list)
+    p = zp.add_parser("export", help="export a zoo model to .onnx or .pt2")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_zoo_export)
+
+    p = sub.add_parser("demo", help="the built-in default job: compile, run and compare a zoo model")
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--workdir", default=None, help="where to write the artifacts (default ./out/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    # Stages that add their own verbs (device, tune, kernels, optimize).
+    import importlib
+    import importlib.util
+
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.bench", "tvmedge.optimize.cli"):
+        try:
+            present = importlib.util.find_spec(extra) is not None
+        except ModuleNotFoundError:  # its package is not there yet
+            present = False
+        if present:
+            importlib.import_module(extra).register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TvmedgeError as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: still one line unless --verbose
+        if args.verbose:
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        print(f"error: {type(e).__name__}: {first} (run with --verbose for details)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

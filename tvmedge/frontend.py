@@ -1,0 +1,236 @@
+"""Import a trained model (ONNX, ``torch.export`` ``.pt2``, TFLite) into a Relax IRModule.
+
+Every importer returns an :class:`ImportedModel`: the Relax module with static input
+shapes, the names/shapes/dtypes of inputs and outputs, and a hash of the source file.
+Bad input (corrupt file, unsupported operator, dynamic dims without ``--input-shape``)
+raises :class:`TvmedgeError` with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TvmedgeError
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite"}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], list(d["shape"]), d["dtype"])
+
+
+@dataclass
+class ImportedModel:
+    mod: Any  # tvm.IRModule with a Relax "main"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    format: str
+    source: str
+    sha256: str
+    rewrites: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, list[int]]:
+    """Parse ``name:1x3x224x224`` items (as given to ``--input-shape``)."""
+    shapes: dict[str, list[int]] = {}
+    for item in items or []:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise TvmedgeError(f"bad --input-shape '{item}': expected NAME:DIMS, e.g. input:1x3x224x224")
+        shapes[name] = [int(d) for d in dims.split("x")]
+    return shapes
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> ImportedModel:
+    """Import ``path`` into Relax; ``input_shapes`` fixes dynamic input dims."""
+    path = Path(path)
+    if not path.exists():
+        raise TvmedgeError(f"model file not found: {path}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise TvmedgeError(f"unknown model format '{path.suffix}' for {path.name}: "
+                           f"expected one of {', '.join(FORMATS)}")
+    shapes = dict(input_shapes or {})
+    mod, inputs, out_names = {"onnx": _load_onnx, "pt2": _load_pt2, "tflite": _load_tflite}[fmt](path, shapes)
+    unknown = set(shapes) - {i.name for i in inputs}
+    if unknown:
+        raise TvmedgeError(f"--input-shape names unknown input(s) {sorted(unknown)}; "
+                           f"model inputs are {[i.name for i in inputs]}")
+    outputs = _output_specs(mod, out_names)
+    return ImportedModel(mod=mod, inputs=inputs, outputs=outputs, format=fmt,
+                         source=str(path), sha256=file_sha256(path))
+
+
+def _require_static(name: str, dims: list[Any], given: list[int] | None) -> list[int]:
+    if given is not None:
+        if len(given) != len(dims):
+            raise TvmedgeError(f"--input-shape for '{name}' has rank {len(given)}, model input has rank {len(dims)}")
+        for g, d in zip(given, dims):
+            if isinstance(d, int) and d > 0 and d != g:
+                raise TvmedgeError(f"--input-shape for '{name}' is {given} but the model fixes it to {dims}")
+        return list(given)
+    if any(not isinstance(d, int) or d <= 0 for d in dims):
+        shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims)
+        raise TvmedgeError(f"input '{name}' has dynamic dims ({shown}): give its shape with "
+                           f"--input-shape {name}:{shown.replace('?', 'N')}")
+    return list(dims)
+
+
+# ---------------------------------------------------------------- ONNX
+def _load_onnx(path: Path, shapes: dict[str, list[int]]):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise TvmedgeError(f"cannot read ONNX model {path.name}: {_first_line(e)}") from None
+    graph = model.graph
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    missing = sorted({n.op_type for n in graph.node if n.op_type not in known})
+    if missing:
+        raise TvmedgeError(f"unsupported ONNX operator(s) in {path.name}: {', '.join(missing)}")
+    initializers = {t.name for t in graph.initializer}
+    inputs: list[TensorSpec] = []
+    for inp in graph.input:
+        if inp.name in initializers:
+            continue
+        tt = inp.type.tensor_type
+        dims: list[Any] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        static = _require_static(inp.name, dims, shapes.get(inp.name))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+        inputs.append(TensorSpec(inp.name, static, dtype))
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        mod = from_onnx(model, shape_dict={i.name: i.shape for i in inputs},
+                        dtype_dict={i.name: i.dtype for i in inputs}, keep_params_in_input=False)
+    except Exception as e:
+        raise TvmedgeError(f"cannot import ONNX model {path.name} into Relax: {_first_line(e)}") from None
+    return mod, inputs, [o.name for o in graph.output]
+
+
+# ---------------------------------------------------------------- PyTorch (torch.export)
+def _load_pt2(path: Path, shapes: dict[str, list[int]]):
+    import torch
+
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise TvmedgeError(f"cannot read PyTorch exported program {path.name}: {_first_line(e)}") from None
+    from tvm import relax, tirx
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+    except AssertionError as e:
+        msg = _first_line(e)
+        m = re.search(r"Unsupported function types \[(.*)\]", msg)
+        if m:
+            raise TvmedgeError(f"unsupported PyTorch operator(s) in {path.name}: {m.group(1)}") from None
+        raise TvmedgeError(f"cannot import {path.name} into Relax: {msg}") from None
+    except Exception as e:
+        raise TvmedgeError(f"cannot import {path.name} into Relax: {_first_line(e)}") from None
+    user_inputs = [s.arg.name for s in ep.graph_signature.input_specs
+                   if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    params = list(mod["main"].params)
+    inputs: list[TensorSpec] = []
+    binding: dict[Any, int] = {}
+    for name, var in zip(user_inputs, params):
+        sinfo = var.ty
+        dims = [int(d) if isinstance(d, tirx.IntImm) else str(d) for d in sinfo.shape.values]
+        static = _require_static(name, dims, shapes.get(name))
+        for d, v in zip(sinfo.shape.values, static):
+            if isinstance(d, tirx.Var):
+                binding[d] = v
+        inputs.append(TensorSpec(name, static, str(sinfo.dtype)))
+    if binding:
+        mod = relax.transform.BindSymbolicVars(binding, func_name="main")(mod)
+    outs = [s.arg.name for s in ep.graph_signature.output_specs
+            if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
+    return mod, inputs, outs
+
+
+# ---------------------------------------------------------------- TFLite
+def _load_tflite(path: Path, shapes: dict[str, list[int]]):
+    try:
+        import tflite
+    except ImportError:
+        raise TvmedgeError("importing .tflite models needs the 'tflite' package (pip install tflite)") from None
+    buf = path.read_bytes()
+    try:
+        if len(buf) < 8 or buf[4:8] != b"TFL3":
+            raise ValueError("missing TFL3 file identifier")
+        model = tflite.Model.GetRootAsModel(buf, 0)
+        sub = model.Subgraphs(0)
+        tensors = [sub.Tensors(sub.Inputs(i)) for i in range(sub.InputsLength())]
+        out_names = [sub.Tensors(sub.Outputs(i)).Name().decode() for i in range(sub.OutputsLength())]
+    except Exception as e:
+        raise TvmedgeError(f"cannot read TFLite model {path.name}: {_first_line(e)}") from None
+    type_names = {v: k.lower() for k, v in vars(tflite.TensorType.TensorType).items() if not k.startswith("_")}
+    inputs: list[TensorSpec] = []
+    for t in tensors:
+        name = t.Name().decode()
+        sig = list(t.ShapeSignatureAsNumpy()) if t.ShapeSignatureLength() else list(t.ShapeAsNumpy())
+        dims = [int(d) if d > 0 else "?" for d in sig]
+        inputs.append(TensorSpec(name, _require_static(name, dims, shapes.get(name)),
+                                 type_names.get(t.Type(), "float32")))
+    from tvm.relax.frontend.tflite import from_tflite
+
+    try:
+        mod = from_tflite(model, shape_dict={i.name: i.shape for i in inputs},
+                          dtype_dict={i.name: i.dtype for i in inputs})
+    except Exception as e:
+        msg = _first_line(e)
+        m = re.search(r"not supported[^:]*:?\s*(.*)", msg, re.I)
+        if m and "operator" in msg.lower():
+            raise TvmedgeError(f"unsupported TFLite operator(s) in {path.name}: {m.group(1) or msg}") from None
+        raise TvmedgeError(f"cannot import TFLite model {path.name} into Relax: {msg}") from None
+    if isinstance(mod, tuple):  # some versions return (mod, params)
+        mod = mod[0]
+    return mod, inputs, out_names
+
+
+# ---------------------------------------------------------------- helpers
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "") if text else ""
+    return line or type(e).__name__
+
+
+def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for i, f in enumerate(fields):
+        name = names[i] if i < len(names) else f"output{i}"
+        shape = [int(d) for d in f.shape.values] if f.shape is not None else []
+        specs.append(TensorSpec(name, shape, str(f.dtype)))
+    return specs

@@ -1,0 +1,151 @@
+"""Run a compiled artifact, here or on a remote device through TVM RPC, and time it.
+
+Remote runs upload the library, load it on the device, run the Relax VM there and time
+it with the device's own timer (``time_evaluator``), so the latency is the device's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .build import read_artifact
+from .errors import TvmedgeError
+
+
+@dataclass
+class RunResult:
+    outputs: list[np.ndarray]
+    latencies_ms: list[float]
+    meta: dict[str, Any]
+    device: str
+    threads: int
+
+    def latency_summary(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms)
+        return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
+                "min": float(lat.min()), "mean": float(lat.mean())}
+
+    def to_json(self) -> dict[str, Any]:
+        outs = [{"name": spec["name"], "shape": list(o.shape), "dtype": str(o.dtype),
+                 "mean": float(o.mean()) if o.size else 0.0, "min": float(o.min()) if o.size else 0.0,
+                 "max": float(o.max()) if o.size else 0.0}
+                for spec, o in zip(self.meta["outputs"], self.outputs)]
+        return {"latency_ms": self.latency_summary(), "repeat": len(self.latencies_ms),
+                "device": self.device, "threads": self.threads,
+                "target": self.meta["target"], "outputs": outs,
+                "emulated": bool(self.meta.get("emulated", False))}
+
+
+def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        dt = np.dtype(s["dtype"])
+        if np.issubdtype(dt, np.floating):
+            out[s["name"]] = rng.standard_normal(s["shape"]).astype(dt)
+        elif np.issubdtype(dt, np.integer):
+            out[s["name"]] = rng.integers(0, 10, size=s["shape"]).astype(dt)
+        else:
+            out[s["name"]] = rng.random(s["shape"]) > 0.5
+    return out
+
+
+def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Inputs from an ``.npz`` (by input name, or in input order), else random ones."""
+    if path is None:
+        return random_inputs(specs)
+    try:
+        data = np.load(path)
+    except Exception as e:
+        raise TvmedgeError(f"cannot read inputs {path}: {e}") from None
+    keys = list(data.keys())
+    out = {}
+    for i, s in enumerate(specs):
+        key = s["name"] if s["name"] in keys else (keys[i] if i < len(keys) and len(keys) == len(specs) else None)
+        if key is None:
+            raise TvmedgeError(f"{path} has no array for input '{s['name']}' (has {keys})")
+        arr = np.asarray(data[key])
+        if list(arr.shape) != list(s["shape"]):
+            raise TvmedgeError(f"input '{s['name']}' in {path} has shape {list(arr.shape)}, model expects {s['shape']}")
+        out[s["name"]] = arr.astype(s["dtype"], copy=False)
+    return out
+
+
+def _as_list(result: Any) -> list[Any]:
+    from tvm.runtime import Tensor
+
+    if isinstance(result, Tensor):
+        return [result]
+    return [r for item in result for r in _as_list(item)]
+
+
+def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | None = None,
+                 repeat: int = 20, threads: int | None = None, session=None,
+                 warmup: int = 2) -> RunResult:
+    """Load ``artifact`` (locally, or on the device behind ``session``) and time ``main``."""
+    import tvm
+    from tvm import relax
+
+    with tempfile.TemporaryDirectory(prefix="tvmedge-run-") as tmp:
+        lib_path, meta = read_artifact(artifact, tmp)
+        inputs = inputs if inputs is not None else random_inputs(meta["inputs"])
+        kind = meta["device"]["kind"]
+        if session is None:
+            _check_runs_here(meta)
+            lib = tvm.runtime.load_module(str(lib_path))
+            dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+            config = tvm.get_global_func("runtime.config_threadpool")
+            num_threads = tvm.get_global_func("runtime.NumThreads")
+            where = "local"
+        else:
+            session.upload(str(lib_path))
+            lib = session.load_module(os.path.basename(lib_path))
+            dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
+            config = session.get_function("runtime.config_threadpool")
+            num_threads = session.get_function("runtime.NumThreads")
+            where = "rpc"
+        if not threads:
+            # "All cores" by default: on x86 TVM would otherwise halve the count to skip
+            # hyper-threads, even where there are none.
+            cores = meta["device"].get("report", {}).get("cores")
+            threads = (os.cpu_count() or 1) if session is None else (cores if isinstance(cores, int) else 0)
+        if threads:
+            config(1, int(threads))
+        vm = relax.VirtualMachine(lib, dev)
+        args = [tvm.runtime.tensor(inputs[s["name"]], dev) for s in meta["inputs"]]
+        outputs = [o.numpy() for o in _as_list(vm["main"](*args))]
+        timer = vm.time_evaluator("main", dev, number=1, repeat=max(1, repeat), min_repeat_ms=0,
+                                  cooldown_interval_ms=0)
+        for _ in range(warmup):
+            vm["main"](*args)
+        res = timer(*args)
+        used = int(num_threads())
+    lat = [r * 1e3 for r in res.results]
+    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
+
+
+def _check_runs_here(meta: dict[str, Any]) -> None:
+    from .target import host_target_dict
+
+    tgt = meta["target"]
+    host = tgt.get("host", tgt) if tgt.get("kind") == "cuda" else tgt
+    here = host_target_dict()["mtriple"].split("-")[0]
+    arch = str(host.get("mtriple", here)).split("-")[0]
+    if arch != here:
+        raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), this machine is {here}: "
+                           "run it on the device with --rpc-tracker/--rpc-key or --rpc-host")
+
+
+def save_outputs(path: str | os.PathLike, result: RunResult) -> None:
+    """Write outputs to ``.npz`` in output order, keyed by output name (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.npz")
+    names = [o["name"] for o in result.meta["outputs"]]
+    np.savez(tmp, **{n: o for n, o in zip(names, result.outputs)})
+    os.replace(tmp, path)

@@ -1,0 +1,159 @@
+"""Resolve what the user calls a target into a TVM target plus what a device needs.
+
+A target can be the name of a device description in ``targets/`` (``host``, ``pi4``,
+``jetson-nano``, ...), a TVM target tag (``raspberry-pi/4b-aarch64``) or a JSON target
+(``{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}``). Device descriptions are data: the
+TVM target, the cross compiler to link with, the default RPC key and the numbers a report
+needs, with their source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TvmedgeError
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+# Cross compilers by the target triple's architecture, for tags and JSON targets.
+_CROSS_BY_ARCH = {
+    "aarch64": "aarch64-linux-gnu-g++",
+    "arm": "arm-linux-gnueabihf-g++",
+    "riscv64": "riscv64-linux-gnu-g++",
+}
+_DEBIAN_PACKAGE = {
+    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "arm-linux-gnueabihf-g++": "g++-arm-linux-gnueabihf",
+    "riscv64-linux-gnu-g++": "g++-riscv64-linux-gnu",
+}
+
+
+@dataclass
+class Device:
+    """A resolved target: the TVM target and how to build for and reach the device."""
+
+    name: str
+    target: Any  # tvm.target.Target
+    cross_compiler: str | None = None
+    rpc_key: str | None = None
+    device: str = "cpu"  # "cpu" or "cuda": which runtime device the VM runs on
+    emulator: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def target_json(self) -> dict[str, Any]:
+        return _plain(self.target.export())
+
+    def linker(self):
+        """``fcompile`` for ``export_library``: the cross compiler, or None for the host's."""
+        if not self.cross_compiler:
+            return None
+        if shutil.which(self.cross_compiler) is None:
+            pkg = _DEBIAN_PACKAGE.get(self.cross_compiler, self.cross_compiler)
+            raise TvmedgeError(f"cross compiler '{self.cross_compiler}' for target '{self.name}' "
+                               f"not found (install Debian package {pkg})")
+        from tvm.support import cc
+
+        return cc.cross_compiler(self.cross_compiler)
+
+
+def _plain(obj: Any) -> Any:
+    """TVM's exported target (ffi Map/Array/String/IntImm) as plain JSON-able Python."""
+    if isinstance(obj, (bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, str):
+        return str(obj)
+    if hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if hasattr(obj, "__iter__"):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "value"):
+        return obj.value
+    return str(obj)
+
+
+def host_target_dict() -> dict[str, Any]:
+    """This machine's CPU as LLVM sees it: triple, CPU name and core count."""
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(),
+            "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+
+
+def device_names() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
+
+
+def _make_target(spec: Any, what: str):
+    from tvm.target import Target
+
+    try:
+        return Target(spec)
+    except Exception as e:  # TVM raises ValueError / TVMError with long texts
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TvmedgeError(f"invalid target {what}: {first}") from None
+
+
+def _cross_for(target) -> str | None:
+    host = target.host if target.host is not None else target
+    triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
+    if not triple:
+        return None
+    arch = triple.split("-")[0]
+    if arch.startswith("arm") and arch != "arm64":
+        arch = "arm"
+    from tvm.target import codegen
+
+    if triple == codegen.llvm_get_system_triple() or arch == codegen.llvm_get_system_triple().split("-")[0]:
+        return None
+    return _CROSS_BY_ARCH.get(arch)
+
+
+def load_description(path: Path) -> Device:
+    desc = json.loads(path.read_text())
+    spec = desc["target"]
+    report = dict(desc.get("report", {}))
+    if spec == "detect":
+        spec = host_target_dict()
+        if report.get("cores") == "detect":
+            report["cores"] = os.cpu_count()
+    target = _make_target(spec, f"in {path.name}")
+    return Device(name=desc["name"], target=target, cross_compiler=desc.get("cross_compiler"),
+                  rpc_key=desc.get("rpc_key"), device=desc.get("device", "cpu"),
+                  emulator=desc.get("emulator"), report=report,
+                  description=desc.get("description", ""))
+
+
+def resolve(spec: str | None) -> Device:
+    """Turn a device name, a TVM tag or a JSON target into a :class:`Device`."""
+    spec = (spec or "host").strip()
+    path = TARGETS_DIR / f"{spec}.json"
+    if "/" not in spec and path.exists():
+        return load_description(path)
+    if spec.startswith("{"):
+        try:
+            obj = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise TvmedgeError(f"target is not valid JSON: {e}") from None
+        target = _make_target(obj, spec)
+        name = "custom"
+    else:
+        from tvm.target import list_tags
+
+        if spec not in list_tags():
+            raise TvmedgeError(
+                f"unknown target '{spec}': use a device ({', '.join(device_names())}), "
+                "a TVM target tag (e.g. raspberry-pi/4b-aarch64; see tvm.target.list_tags()) "
+                "or a JSON target")
+        target = _make_target(spec, spec)
+        name = spec
+    if target.kind.name == "cuda" and target.host is None:
+        target = _make_target({**_plain(target.export()), "host": host_target_dict()}, spec)
+    kind = "cuda" if target.kind.name == "cuda" else "cpu"
+    return Device(name=name, target=target, cross_compiler=_cross_for(target), device=kind)
