@@ -105,16 +105,21 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
 
     try:
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
     except Exception as e:
-        raise TvmedgeError(f"cannot read ONNX model {path.name}: {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot read ONNX model {path.name} (corrupt or truncated?): {_first_line(e)}") from None
     graph = model.graph
+    if not graph.node:
+        raise TvmedgeError(f"ONNX model {path.name} has an empty graph (corrupt or not a model?)")
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map()) | {"Constant", "If"}
     missing = sorted({n.op_type for n in graph.node if n.op_type not in known})
     if missing:
         raise TvmedgeError(f"unsupported ONNX operator(s) in {path.name}: {', '.join(missing)}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise TvmedgeError(f"invalid ONNX model {path.name}: {_first_line(e)}") from None
     initializers = {t.name for t in graph.initializer}
     inputs: list[TensorSpec] = []
     for inp in graph.input:

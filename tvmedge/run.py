@@ -98,6 +98,9 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         kind = meta["device"]["kind"]
         if session is None:
             _check_runs_here(meta)
+            # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
+            # x86, to skip hyper-threads even where there are none): set it before first use.
+            os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
             lib = tvm.runtime.load_module(str(lib_path))
             dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
             config = tvm.get_global_func("runtime.config_threadpool")

@@ -65,7 +65,7 @@ def export(name: str, path: str | os.PathLike, opset: int = 17) -> Path:
     model = entry.build()
     x = example_input(entry)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     if path.suffix == ".onnx":
         import warnings
         with warnings.catch_warnings():
