@@ -36,7 +36,7 @@ def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | N
     target = device.target
     try:
         if tuning_db is not None:
-            from .tune.database import apply_database
+            from .tune.pipeline import apply_database
 
             return apply_database(mod, target, tuning_db)
         if device.device == "cuda":

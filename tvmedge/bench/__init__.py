@@ -1,0 +1,1 @@
+"""Latency measurement of the peers (ONNX Runtime, PyTorch eager) on the same inputs and threads."""

@@ -1,0 +1,143 @@
+"""The tuning database directory: the user's asset, never left half-written.
+
+Layout of ``DIR`` (MetaSchedule's own JSON database format, so TVM can read it directly):
+
+- ``database_workload.json`` / ``database_tuning_record.json`` — the records;
+- ``tvmedge-state.json`` — per (workload, target) task: trials spent, whether the task is
+  finished (converged or out of budget), best latency; and the last run's settings so
+  ``--resume`` can continue it;
+- ``.lock`` — held while a ``tvmedge tune`` writes to the directory.
+
+While tuning, MetaSchedule appends to a *staging* copy in ``DIR/.staging/``; after every
+measured batch the staging files are copied over the real ones with write-to-temp,
+fsync and ``os.replace``, so a crash, a kill or Ctrl-C leaves the last complete version.
+Workloads are only ever appended, so record indices stay valid across versions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import TvmedgeError
+
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+STATE = "tvmedge-state.json"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _valid_lines(path: Path) -> list[bytes]:
+    """Complete JSON lines of a MetaSchedule database file (a torn last line is dropped)."""
+    if not path.exists():
+        return []
+    lines = []
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        try:
+            json.loads(raw)
+        except ValueError:
+            continue
+        lines.append(raw)
+    return lines
+
+
+class TuningDatabase:
+    """A tuning-database directory opened for reading, or for writing under a lock."""
+
+    def __init__(self, path: str | os.PathLike, write: bool = False) -> None:
+        self.path = Path(path)
+        self.write = write
+        self._lock_file = None
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.path / ".lock", "w")
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock_file.close()
+                raise TvmedgeError(f"tuning database {self.path} is in use by another tvmedge process") from None
+        elif not (self.path / WORKLOADS).exists():
+            raise TvmedgeError(f"no tuning database in {self.path} (expected {WORKLOADS})")
+        self.state = self._load_state()
+
+    # ------------------------------------------------------------ state
+    def _load_state(self) -> dict[str, Any]:
+        p = self.path / STATE
+        if p.exists():
+            try:
+                return json.loads(p.read_text())
+            except ValueError:
+                raise TvmedgeError(f"{p} is not valid JSON") from None
+        return {"version": 1, "tasks": {}, "last_run": None}
+
+    def save_state(self) -> None:
+        atomic_write(self.path / STATE, json.dumps(self.state, indent=1).encode())
+
+    def task_state(self, key: str) -> dict[str, Any]:
+        return self.state["tasks"].setdefault(key, {"trials": 0, "finished": False, "best_us": None})
+
+    # ------------------------------------------------------------ MetaSchedule access
+    def open_staging(self):
+        """A MetaSchedule JSONDatabase on a staging copy of the records (for tuning)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        staging = self.path / ".staging"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        for name in (WORKLOADS, RECORDS):
+            (staging / name).write_bytes(b"".join(line + b"\n" for line in _valid_lines(self.path / name)))
+        return ms.database.JSONDatabase(path_workload=str(staging / WORKLOADS),
+                                        path_tuning_record=str(staging / RECORDS), allow_missing=True)
+
+    def sync(self) -> None:
+        """Publish the staging records: complete lines only, atomically, workloads first."""
+        staging = self.path / ".staging"
+        for name in (WORKLOADS, RECORDS):
+            lines = _valid_lines(staging / name)
+            atomic_write(self.path / name, b"".join(line + b"\n" for line in lines))
+        self.save_state()
+
+    def open(self):
+        """A MetaSchedule JSONDatabase on the published records (for compiling)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        for name in (WORKLOADS, RECORDS):
+            lines = _valid_lines(self.path / name)
+            if (self.path / name).exists() and len(lines) != len([ln for ln in (self.path / name).read_bytes().splitlines() if ln.strip()]):
+                raise TvmedgeError(f"{self.path / name} has damaged lines; run `tvmedge tune --resume` to repair it")
+        return ms.database.JSONDatabase(path_workload=str(self.path / WORKLOADS),
+                                        path_tuning_record=str(self.path / RECORDS), allow_missing=False)
+
+    def close(self) -> None:
+        staging = self.path / ".staging"
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> "TuningDatabase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def count_records(path: str | os.PathLike) -> int:
+    return len(_valid_lines(Path(path) / RECORDS))

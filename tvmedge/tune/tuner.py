@@ -1,0 +1,236 @@
+"""Tune a model's Relax tasks with MetaSchedule, measuring candidates on the device over RPC.
+
+XGBoost cost model, evolutionary search and the gradient task scheduler, which gives
+each task trials by its share of the model's latency (task weight x measured latency).
+On top of MetaSchedule, tvmedge adds:
+
+- database reuse: a task whose workload is already tuned for this target (by any model)
+  is skipped, so no trials are spent twice;
+- early stop: a task whose best latency stopped improving is terminated;
+- a crash-safe database (see ``database.py``), ``--resume``, and device-loss detection;
+- a report of how the budget was spent and how many devices measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import TvmedgeError
+from ..frontend import ImportedModel
+from ..target import Device
+from .database import TuningDatabase
+
+# A task has converged when its best latency improved by less than this fraction over
+# the last CONVERGE_ROUNDS measured batches.
+CONVERGE_GAIN = 0.01
+CONVERGE_ROUNDS = 2
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    key: str
+    weight: int
+    flops: float
+    prior_trials: int = 0
+    trials: int = 0
+    best_us: float | None = None
+    history: list[float] = field(default_factory=list)
+    status: str = "pending"  # pending | reused | tuned | converged | budget | stopped
+
+    @property
+    def gflops(self) -> float | None:
+        return self.flops / (self.best_us * 1e3) if self.best_us else None
+
+
+def _task_key(task, target) -> str:
+    from tvm_ffi import structural_hash
+
+    return f"{structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFF:012x}:{target.kind.name}:" \
+           f"{target.attrs.get('mtriple', '')}:{target.attrs.get('mcpu', target.attrs.get('arch', ''))}"
+
+
+def _flops(mod) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:
+        return 0.0
+
+
+class _Callback:
+    """Runs in the tuning loop after each measured batch (after the database commit)."""
+
+    def __init__(self, tasks: list[TaskInfo], db: TuningDatabase, on_batch: Callable[[], None],
+                 device_alive: Callable[[], bool]) -> None:
+        self.tasks, self.db, self.on_batch, self.device_alive = tasks, db, on_batch, device_alive
+        self.device_lost = False
+        self.failed_batches = 0
+
+    def __call__(self, scheduler, task_id, candidates, builder_results, runner_results) -> None:
+        info = self.tasks[task_id]
+        info.trials += len(candidates)
+        costs = []
+        errors = 0
+        for br, rr in zip(builder_results, runner_results):
+            if br.error_msg is None and rr.error_msg is None and rr.run_secs:
+                costs.append(sum(float(s) for s in rr.run_secs) / len(rr.run_secs) * 1e6)
+            elif br.error_msg is None:
+                errors += 1
+        if costs:
+            best = min(costs)
+            info.best_us = best if info.best_us is None else min(info.best_us, best)
+        if info.best_us is not None:
+            info.history.append(info.best_us)
+        st = self.db.task_state(info.key)
+        st.update(trials=info.prior_trials + info.trials, best_us=info.best_us, name=info.name)
+        self.db.sync()
+        # Device loss: a batch where every built candidate failed to run, and the tracker
+        # has no server left under the key.
+        if errors and not costs:
+            self.failed_batches += 1
+            if not self.device_alive():
+                self.device_lost = True
+                for i in range(len(self.tasks)):
+                    scheduler.terminate_task(i)
+        else:
+            self.failed_batches = 0
+        h = info.history
+        if len(h) > CONVERGE_ROUNDS and h[-1] > h[-1 - CONVERGE_ROUNDS] * (1 - CONVERGE_GAIN):
+            info.status = "converged"
+            scheduler.terminate_task(task_id)
+        self.on_batch()
+
+
+def _as_measure_callback(fn: Callable) -> Any:
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class TvmedgeCallback(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            fn(task_scheduler, task_id, measure_candidates, builder_results, runner_results)
+
+    return TvmedgeCallback()
+
+
+def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, trials: int,
+               tracker: tuple[str, int], key: str, n_devices: int = 1, resume: bool = False,
+               emulated: bool = False, progress: bool = True,
+               device_alive: Callable[[], bool] = lambda: True,
+               trials_per_iter: int | None = None) -> dict[str, Any]:
+    """Tune ``model`` for ``device`` into ``db_dir``; returns the report (as a dict)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .measure import devices_used
+    from .pipeline import prepare
+
+    target = device.target
+    with TuningDatabase(db_dir, write=True) as db:
+        last = db.state.get("last_run")
+        if resume:
+            if not last or last.get("completed", True):
+                raise TvmedgeError(f"nothing to resume in {db_dir}: its last tuning run completed "
+                                   "(run without --resume to tune more)")
+            if last["model_sha256"] != model.sha256:
+                raise TvmedgeError(f"{db_dir} was last tuning a different model ({last['model']}); "
+                                   "resume with that model")
+            trials = last["trials"]
+        mod = prepare(model.mod, target)
+        extracted = ms.relax_integration.extract_tasks(mod, target)
+        tasks = [TaskInfo(t.task_name, _task_key(t, target), int(t.weight), _flops(t.dispatched[0]))
+                 for t in extracted]
+        database = db.open_staging()
+        todo = []
+        for t, info in zip(extracted, tasks):
+            st = db.state["tasks"].get(info.key, {})
+            info.prior_trials = st.get("trials", 0)
+            info.best_us = st.get("best_us")
+            if st.get("finished") and database.has_workload(t.dispatched[0]):
+                info.status = "reused"
+            else:
+                todo.append((t, info))
+        spent_before = sum(i.prior_trials for _, i in todo)
+        budget = max(0, trials - (spent_before if resume else 0))
+        db.state["last_run"] = {"model": os.path.basename(model.source), "model_sha256": model.sha256,
+                                "target": device.name, "trials": trials, "completed": False,
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        db.save_state()
+
+        per_iter = trials_per_iter or max(4, min(64, budget // max(1, 2 * len(todo)) or 4))
+        device_log = Path(tempfile.mkdtemp(prefix="tvmedge-devlog-")) / "devices.txt"
+        t0 = time.perf_counter()
+        lost = False
+        if todo and budget > 0:
+            lost = _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, key,
+                               n_devices, emulated, progress, device_alive, device_log)
+        for _, info in todo:
+            if info.status == "pending":
+                info.status = "tuned" if info.trials else "stopped"
+            if not lost and info.trials:
+                db.task_state(info.key)["finished"] = True
+        if not lost:
+            db.state["last_run"]["completed"] = True
+        db.state["last_run"]["seconds"] = round(time.perf_counter() - t0, 1)
+        db.sync()
+        report = {
+            "model": os.path.basename(model.source), "target": device.name, "database": str(db_dir),
+            "trials_budget": trials, "trials_run": sum(i.trials for i in tasks),
+            "trials_per_iter": per_iter, "tuning_seconds": round(time.perf_counter() - t0, 1),
+            "devices_used": devices_used(device_log), "devices_available": n_devices, "emulated": emulated,
+            "tasks": [{"name": i.name, "weight": i.weight, "flops": i.flops, "trials": i.trials,
+                       "trials_total": i.prior_trials + i.trials, "best_us": i.best_us,
+                       "gflops": i.gflops, "status": i.status} for i in tasks],
+        }
+        if lost:
+            kept = sum(db.state["tasks"].get(i.key, {}).get("trials", 0) for i in tasks)
+            raise TvmedgeError(f"device '{key}' was lost mid-tune (no server left under that key at the tracker); "
+                               f"the database {db_dir} keeps every record measured so far ({kept} trials for "
+                               "this model): restart the device and run again with --resume")
+    return report
+
+
+def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, key, n_devices,
+                emulated, progress, device_alive, device_log) -> bool:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from tvm.s_tir import meta_schedule as ms
+
+    from .measure import make_builder, make_runner
+
+    infos = [i for _, i in todo]
+    contexts = [ms.TuneContext(mod=t.dispatched[0], target=target,
+                               space_generator="post-order-apply", search_strategy="evolutionary",
+                               task_name=t.task_name, rand_state=i + 1, num_threads="physical")
+                for i, (t, _) in enumerate(todo)]
+    weights = [float(t.weight) for t, _ in todo]
+    workers = os.cpu_count() or 1
+    builder = make_builder(device.cross_compiler, workers, timeout_s=300 if device.cross_compiler else 120)
+    runner = make_runner(tracker, key, max(1, n_devices), session_timeout_s=300 if emulated else 60,
+                         device_log=device_log, emulated=emulated)
+    bar = Progress(TextColumn("[bold]tuning[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
+                   TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn(), disable=not progress, transient=False)
+    job = bar.add_task("tune", total=budget, best="")
+
+    def on_batch() -> None:
+        done = sum(i.trials for i in infos)
+        est = sum(i.weight * i.best_us for i in infos if i.best_us) / 1e3
+        bar.update(job, completed=min(done, budget), best=f"best model est. {est:.2f} ms" + (" (emulated)" if emulated else ""))
+
+    callback = _Callback(infos, db, on_batch, device_alive)
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_as_measure_callback(callback)]
+    with bar, tempfile.TemporaryDirectory(prefix="tvmedge-ms-") as work_dir:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
+                      max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
+                      database=database, cost_model="xgb", measure_callbacks=callbacks,
+                      task_scheduler="gradient")
+    return callback.device_lost
