@@ -133,13 +133,19 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
     return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
 
 
+def arch_of_target(target: dict[str, Any]) -> str:
+    """CPU architecture a target's host code is for (``x86_64``, ``aarch64``, ...)."""
+    from .target import host_target_dict
+
+    host = target.get("host", target) if target.get("kind") == "cuda" else target
+    return str(host.get("mtriple") or host_target_dict()["mtriple"]).split("-")[0]
+
+
 def _check_runs_here(meta: dict[str, Any]) -> None:
     from .target import host_target_dict
 
-    tgt = meta["target"]
-    host = tgt.get("host", tgt) if tgt.get("kind") == "cuda" else tgt
     here = host_target_dict()["mtriple"].split("-")[0]
-    arch = str(host.get("mtriple", here)).split("-")[0]
+    arch = arch_of_target(meta["target"])
     if arch != here:
         raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), this machine is {here}: "
                            "run it on the device with --rpc-tracker/--rpc-key or --rpc-host")

@@ -125,8 +125,12 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
                tracker: tuple[str, int], key: str, n_devices: int = 1, resume: bool = False,
                emulated: bool = False, progress: bool = True,
                device_alive: Callable[[], bool] = lambda: True,
-               trials_per_iter: int | None = None) -> dict[str, Any]:
-    """Tune ``model`` for ``device`` into ``db_dir``; returns the report (as a dict)."""
+               trials_per_iter: int | None = None, retune: bool = False) -> dict[str, Any]:
+    """Tune ``model`` for ``device`` into ``db_dir``; returns the report (as a dict).
+
+    ``retune`` spends the budget on tasks the database already finished too (warm-started
+    from their records) instead of reusing them as they are.
+    """
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -154,7 +158,7 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
             st = db.state["tasks"].get(info.key, {})
             info.prior_trials = st.get("trials", 0)
             info.best_us = st.get("best_us")
-            if st.get("finished") and database.has_workload(t.dispatched[0]):
+            if st.get("finished") and not retune and database.has_workload(t.dispatched[0]):
                 info.status = "reused"
             else:
                 todo.append((t, info))
