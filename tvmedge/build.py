@@ -27,7 +27,7 @@ META_NAME = "metadata.json"
 FORMAT_VERSION = 1
 
 
-def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | None = None):
+def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):
     """Compile the Relax module to a VM executable, applying tuning records if given."""
     import tvm
     from tvm import relax
@@ -35,7 +35,7 @@ def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | N
     mod = model.mod
     target = device.target
     try:
-        if tuning_db is not None:
+        if tuning_db:
             from .tune.pipeline import apply_database
 
             return apply_database(mod, target, tuning_db)
@@ -89,13 +89,25 @@ def metadata(model: ImportedModel, device: Device, tuning_db: str | None, second
 
 
 def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
-                  tuning_db: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Compile ``model`` for ``device`` and write the artifact ``out`` atomically."""
+                  tuning_db: str | os.PathLike | None = None, use_shipped: bool = False) -> dict[str, Any]:
+    """Compile ``model`` for ``device`` and write the artifact ``out`` atomically.
+
+    ``use_shipped``: without a ``tuning_db``, apply the databases shipped in ``schedules/``
+    for this device and CPU, if any.
+    """
     out = Path(out)
     if out.suffix != ".tar":
         raise TvmedgeError(f"artifact name must end in .tar: {out}")
     t0 = time.perf_counter()
+    if tuning_db is None and use_shipped:
+        from .tune.pipeline import shipped_databases
+
+        shipped = shipped_databases(device)
+        if shipped:
+            tuning_db = shipped
     executable = lower(model, device, tuning_db)
+    if isinstance(tuning_db, list):
+        tuning_db = ", ".join(str(p) for p in tuning_db) + " (shipped)"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tvmedge-build-") as tmp:
         lib = Path(tmp) / LIB_NAME

@@ -30,15 +30,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
-    meta = compile_model(model, device, args.output, tuning_db=args.tuning_db)
+    meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
+                         use_shipped=not args.no_shipped_schedules)
     if args.json:
         print(json.dumps(meta))
     else:
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in meta["inputs"])
+        tuned = f", tuning records: {meta['tuning_db']}" if meta["tuning_db"] else ", untuned"
         print(f"compiled {os.path.basename(args.model)} for {device.name} "
               f"({meta['target'].get('kind')}, {meta['target'].get('mtriple') or meta['target'].get('arch', '')}) "
               f"in {meta['compile_seconds']:.1f}s -> {args.output} "
-              f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}]")
+              f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}{tuned}]")
     return 0
 
 
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact to write (.tar)")
     p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
+    p.add_argument("--no-shipped-schedules", action="store_true",
+                   help="without --tuning-db, do not apply the databases shipped in schedules/ for this device")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
     p.set_defaults(func=cmd_compile)

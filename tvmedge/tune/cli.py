@@ -44,8 +44,11 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
         native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
         if device.device == "cpu" and native:
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
+            # TMPDIR: each server's sessions work under its own folder, which is how the
+            # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
             srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(os.cpu_count() or 1)})
+                                   env={"TVM_NUM_THREADS": str(os.cpu_count() or 1),
+                                        "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-dev-")})
             stack.callback(srv.stop)
             yield (tr.host, tr.port), key, 1, False
         elif device.emulator:
@@ -133,7 +136,7 @@ def run_tune(args: argparse.Namespace) -> int:
         ort = report.get("onnxruntime_ms")
         console.print(f"end to end on {device.name}{tag}: tuned {lat['tuned']['median']:.3f} ms, "
                       f"untuned {lat['untuned']['median']:.3f} ms "
-                      f"({lat['untuned']['median'] / lat['tuned']['median']:.1f}x faster)"
+                      f"(speed-up {lat['untuned']['median'] / lat['tuned']['median']:.2f}x)"
                       + (f", ONNX Runtime {ort['median']:.3f} ms (tuned/ORT {lat['tuned']['median'] / ort['median']:.2f})"
                          if ort else ", ONNX Runtime: not run (not on this machine's CPU)"))
     return 0

@@ -210,9 +210,19 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
 
     from .measure import make_builder, make_runner
 
+    # Heaviest tasks first: the scheduler's first round visits tasks in this order, and a
+    # small budget should not be spent on reshapes and pools.
+    todo = sorted(todo, key=lambda ti: -ti[1].flops * ti[1].weight)
     infos = [i for _, i in todo]
-    contexts = [ms.TuneContext(mod=t.dispatched[0], target=target,
-                               space_generator="post-order-apply", search_strategy="evolutionary",
+    per_task = budget / max(1, len(todo))
+    # MetaSchedule's default search (population 512, 4 genetic rounds) costs seconds of
+    # host time per round and task; with few trials per task a smaller population finds
+    # as good candidates much sooner.
+    population = 512 if per_task >= 128 else 256 if per_task >= 32 else 96
+    contexts = [ms.TuneContext(mod=t.dispatched[0], target=target, space_generator="post-order-apply",
+                               search_strategy=ms.search_strategy.EvolutionarySearch(
+                                   population_size=population, init_min_unmeasured=min(50, population // 2),
+                                   genetic_num_iters=4 if population >= 256 else 2),
                                task_name=t.task_name, rand_state=i + 1, num_threads="physical")
                 for i, (t, _) in enumerate(todo)]
     weights = [float(t.weight) for t, _ in todo]
@@ -232,8 +242,9 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
 
     callback = _Callback(infos, db, on_batch, device_alive)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_as_measure_callback(callback)]
-    with bar, tempfile.TemporaryDirectory(prefix="tvmedge-ms-") as work_dir:
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=budget,
+    work_dir = db.path / "logs"  # MetaSchedule's per-task logs, kept for the user
+    with bar:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=budget,
                       max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
                       database=database, cost_model="xgb", measure_callbacks=callbacks,
                       task_scheduler="gradient")

@@ -1,0 +1,108 @@
+"""``tvmedge device``: offer a device (serve), run a tracker, list devices, emulate a Pi."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+
+from ..errors import TvmedgeError
+
+
+def _wait_forever(what: str) -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print(f"\nstopping {what}")
+
+
+def cmd_tracker(args: argparse.Namespace) -> int:
+    from . import rpc
+
+    tr = rpc.start_tracker(host=args.host, port=args.port)
+    print(f"RPC tracker listening on {tr.host}:{tr.port} (Ctrl-C to stop)")
+    if args.host in ("127.0.0.1", "localhost"):
+        print("  bound to loopback: give --host 0.0.0.0 to let devices on the network register")
+    print(f"  on each device: tvmedge device serve --tracker {_public(tr.host)}:{tr.port} --key pi4")
+    try:
+        _wait_forever("tracker")
+    finally:
+        tr.stop()
+    return 0
+
+
+def _public(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return socket.gethostname()
+    return host
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import rpc
+
+    tracker = rpc.parse_host_port(args.tracker) if args.tracker else None
+    srv = rpc.start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
+                           load_library=args.load_library)
+    where = f"registered with tracker {tracker[0]}:{tracker[1]} as '{args.key}'" if tracker else "no tracker"
+    print(f"RPC server on {srv.host}:{srv.port}, {where} (Ctrl-C to stop)")
+    print("  to start the same on a device (TVM runtime installed there):")
+    print(f"    python -m tvm.exec.rpc_server --host {args.host} --port {args.port or 9090}"
+          + (f" --tracker {tracker[0]}:{tracker[1]} --key {args.key}" if tracker else ""))
+    try:
+        _wait_forever("server")
+    finally:
+        srv.stop()
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import rpc
+
+    tracker = rpc.parse_host_port(args.rpc_tracker)
+    devices = rpc.list_devices(tracker)
+    if args.json:
+        print(json.dumps(devices))
+        return 0
+    if not devices:
+        print(f"no devices registered at {tracker[0]}:{tracker[1]}")
+    for d in devices:
+        print(f"{d['key']:20s} free {d.get('free', 0):3d}  busy {d.get('busy', 0):3d}  pending {d.get('pending', 0):3d}")
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from .emulate import main as emulate_main
+
+    return int(emulate_main(kind=args.kind, tracker=args.tracker, key=args.key) or 0)
+
+
+def register_cli(sub) -> None:
+    dp = sub.add_parser("device", help="RPC devices: serve, tracker, list, emulate").add_subparsers(
+        dest="device_command", required=True)
+
+    p = dp.add_parser("tracker", help="start an RPC tracker (the device farm's scheduler)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=9190)
+    p.set_defaults(func=cmd_tracker)
+
+    p = dp.add_parser("serve", help="offer this machine as a device (TVM RPC server)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker")
+    p.add_argument("--key", default="host", help="device key at the tracker (e.g. pi4)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--load-library", action="append", help="extra runtime library to load")
+    p.set_defaults(func=cmd_serve)
+
+    p = dp.add_parser("list", help="keys registered at a tracker, with free/busy counts")
+    p.add_argument("--rpc-tracker", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
+    p.add_argument("kind", choices=["pi4", "pi3"])
+    p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
+    p.add_argument("--key", default=None, help="device key (default: the kind)")
+    p.set_defaults(func=cmd_emulate)
+
