@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="g++-aarch64-linux-gnu qemu-user-static pocl-opencl-icd ocl-icd-libopencl1 binutils-aarch64-linux-gnu"
+APT_PACKAGES="g++ debian-archive-keyring g++-aarch64-linux-gnu qemu-user-static pocl-opencl-icd ocl-icd-libopencl1 binutils-aarch64-linux-gnu"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

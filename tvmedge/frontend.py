@@ -142,12 +142,24 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
 
 # ---------------------------------------------------------------- PyTorch (torch.export)
 def _load_pt2(path: Path, shapes: dict[str, list[int]]):
+    import logging
+    import zipfile
+
     import torch
 
+    if not zipfile.is_zipfile(path):
+        raise TvmedgeError(f"cannot read PyTorch exported program {path.name}: not a .pt2 (zip) archive "
+                           "(corrupt or truncated?)")
+    # torch.export.load logs a full traceback as a warning before re-raising; we report one line.
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
         raise TvmedgeError(f"cannot read PyTorch exported program {path.name}: {_first_line(e)}") from None
+    finally:
+        export_log.setLevel(level)
     from tvm import relax, tirx
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -193,11 +205,21 @@ def _load_tflite(path: Path, shapes: dict[str, list[int]]):
             raise ValueError("missing TFL3 file identifier")
         model = tflite.Model.GetRootAsModel(buf, 0)
         sub = model.Subgraphs(0)
+        # Walk the tensor and buffer tables once, so that a truncated or garbled file fails
+        # here (and not deep inside the Relax importer); a vector longer than the file is corrupt.
+        if 4 * (model.BuffersLength() + sub.TensorsLength()) > len(buf):
+            raise ValueError("table vectors run past the end of the file")
+        for i in range(model.BuffersLength()):
+            model.Buffers(i).DataAsNumpy()
+        for i in range(sub.TensorsLength()):
+            sub.Tensors(i).ShapeAsNumpy()
         tensors = [sub.Tensors(sub.Inputs(i)) for i in range(sub.InputsLength())]
         out_names = [sub.Tensors(sub.Outputs(i)).Name().decode() for i in range(sub.OutputsLength())]
     except Exception as e:
-        raise TvmedgeError(f"cannot read TFLite model {path.name}: {_first_line(e)}") from None
-    type_names = {v: k.lower() for k, v in vars(tflite.TensorType.TensorType).items() if not k.startswith("_")}
+        raise TvmedgeError(f"cannot read TFLite model {path.name} (corrupt or truncated?): "
+                           f"{_first_line(e)}") from None
+    enum = getattr(tflite.TensorType, "TensorType", tflite.TensorType)  # class, or module in old tflite
+    type_names = {v: k.lower() for k, v in vars(enum).items() if not k.startswith("_")}
     inputs: list[TensorSpec] = []
     for t in tensors:
         name = t.Name().decode()

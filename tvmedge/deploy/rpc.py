@@ -364,9 +364,13 @@ def _wait_until(proc: _RpcProcess, ready: Callable[[], bool], timeout: float, wh
     while True:
         if not proc.alive():
             # the group may still be up a moment (workers); take it down before reporting
+            log = proc.log_tail(200)
             line = proc._last_error_line()
+            port_taken = "cannot bind" in log or "Address already in use" in log
+            if port_taken:
+                line = f"port {proc.port} is already in use"
             proc.stop()
-            raise _StartFailed(f"{what} exited during start-up ({line})", line)
+            raise _StartFailed(f"{what} exited during start-up ({line})", port_taken)
         try:
             if _bound(proc) and ready() and proc.alive():
                 return
@@ -380,13 +384,9 @@ def _wait_until(proc: _RpcProcess, ready: Callable[[], bool], timeout: float, wh
 
 
 class _StartFailed(TvmedgeError):
-    def __init__(self, msg: str, line: str):
+    def __init__(self, msg: str, port_taken: bool):
         super().__init__(msg)
-        self.line = line
-
-    @property
-    def port_taken(self) -> bool:
-        return "cannot bind" in self.line or "Address already in use" in self.line
+        self.port_taken = port_taken
 
 
 def _tracker_up(addr: HostPort) -> bool:
@@ -453,7 +453,7 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
         argv = [python or sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(p),
                 "--port-end", str(p + 1), "--key", key]
         if tracker is not None:
-            argv += ["--tracker", format_host_port(tracker)]
+            argv += ["--tracker", f"{tracker[0]}:{tracker[1]}"]  # TVM splits at the last ':'; no brackets
         if load_library:
             argv += ["--load-library", ":".join(str(Path(lib).resolve()) for lib in load_library)]
         if custom_addr:

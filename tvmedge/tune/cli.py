@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,14 +66,18 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
 
 
 def _alive(tracker: tuple[str, int], key: str):
+    """Whether a server is still registered under ``key`` (a few polls, to ride out a reconnect)."""
     def check() -> bool:
         from ..deploy import rpc
 
-        try:
-            return any(d["key"] == key and (d.get("free", 0) + d.get("busy", 0)) > 0
-                       for d in rpc.list_devices(tracker))
-        except TvmedgeError:
-            return False
+        for attempt in range(6):
+            try:
+                if any(d["key"] == key and d["total"] > 0 for d in rpc.list_devices(tracker)):
+                    return True
+            except TvmedgeError:
+                pass
+            time.sleep(1.0)
+        return False
     return check
 
 

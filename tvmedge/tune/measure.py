@@ -26,8 +26,38 @@ def export_cross(mod, cross_compiler: str | None = None) -> str:
     return path
 
 
+def _registered(rpc_config, grace_s: float = 3.0) -> bool:
+    """Whether any server is registered at the tracker under the key (polled for ``grace_s``).
+
+    Servers stay registered while they serve a session, so "none" means the device is gone.
+    """
+    import time
+
+    from ..deploy import rpc
+    from ..errors import TvmedgeError
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            devs = rpc.list_devices((rpc_config.tracker_host, rpc_config.tracker_port), timeout=5.0)
+            if any(d["key"] == rpc_config.tracker_key and d["total"] > 0 for d in devs):
+                return True
+        except TvmedgeError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def create_session_logged(rpc_config, log_path: str | None = None):
-    """Request a device from the tracker; note which server answered (for the farm report)."""
+    """Request a device from the tracker; note which server answered (for the farm report).
+
+    The tracker queues a request for a key with no server forever; a lost device must
+    fail the candidate at once instead, so that the tuner can notice and stop.
+    """
+    if not _registered(rpc_config):
+        raise RuntimeError(f"no server registered under key '{rpc_config.tracker_key}' at the tracker "
+                           "(device lost)")
     session = rpc_config.connect_server()
     if log_path:
         try:

@@ -99,14 +99,21 @@ class _Callback:
             if not self.device_alive():
                 self.device_lost = True
                 for i in range(len(self.tasks)):
-                    scheduler.terminate_task(i)
+                    _terminate(scheduler, i)
         else:
             self.failed_batches = 0
         h = info.history
         if len(h) > CONVERGE_ROUNDS and h[-1] > h[-1 - CONVERGE_ROUNDS] * (1 - CONVERGE_GAIN):
             info.status = "converged"
-            scheduler.terminate_task(task_id)
+            _terminate(scheduler, task_id)
         self.on_batch()
+
+
+def _terminate(scheduler, task_id: int) -> None:
+    try:
+        scheduler.terminate_task(task_id)
+    except Exception:  # TVM refuses to terminate a task twice; once is all we want
+        pass
 
 
 def _as_measure_callback(fn: Callable) -> Any:

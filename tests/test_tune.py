@@ -1,0 +1,139 @@
+"""Tuning over real RPC (local tracker + servers): numerics, reuse, device farm, device loss + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tvmedge import zoo
+from tvmedge.deploy import rpc
+from tvmedge.tune.database import RECORDS, STATE, WORKLOADS
+
+
+def tvmedge(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def record_lines(db: Path) -> list[str]:
+    p = db / RECORDS
+    return [ln for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+def assert_valid_database(db: Path) -> int:
+    """Every line parses and TVM's own JSONDatabase loads the files; returns the record count."""
+    from tvm.s_tir import meta_schedule as ms
+
+    for name in (WORKLOADS, RECORDS):
+        for line in (db / name).read_text().splitlines():
+            json.loads(line)
+    database = ms.database.JSONDatabase(path_workload=str(db / WORKLOADS), path_tuning_record=str(db / RECORDS),
+                                        allow_missing=False)
+    return len(database)
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory) -> Path:
+    return zoo.export("digits-cnn", tmp_path_factory.mktemp("m") / "digits.onnx")
+
+
+def server_env() -> dict[str, str]:
+    return {"TVM_NUM_THREADS": "1", "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-test-dev-")}
+
+
+def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp_path):
+    import onnxruntime as ort
+
+    db = tmp_path / "db"
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["trials_run"] >= 8 and rep["devices_used"] == 1
+    assert rep["latency_ms"]["tuned"]["median"] > 0 and rep["onnxruntime_ms"]["median"] > 0
+    tuned = [t for t in rep["tasks"] if t["trials"]]
+    assert tuned and all(t["best_us"] > 0 for t in tuned)
+    assert assert_valid_database(db) >= rep["trials_run"] - 2  # a few candidates may fail to build
+    state = json.loads((db / STATE).read_text())
+    assert state["last_run"]["completed"] is True
+
+    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "t.tar"), "--tuning-db", str(db), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tuning_db"] == str(db)
+    x = zoo.example_input(zoo.get("digits-cnn"), seed=5).numpy()
+    np.savez(tmp_path / "in.npz", input=x)
+    proc = tvmedge("run", str(tmp_path / "t.tar"), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "o.npz"))
+    assert proc.returncode == 0, proc.stderr
+    ref = ort.InferenceSession(str(digits_onnx)).run(None, {"input": x})[0]
+    out = np.load(tmp_path / "o.npz")["logits"]
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+
+    # Same model again: every tuned workload is reused, no trial is spent twice.
+    before = record_lines(db)
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    rep2 = json.loads(proc.stdout)
+    reused = {t["name"] for t in rep2["tasks"] if t["status"] == "reused"}
+    assert reused == {t["name"] for t in tuned}
+    assert all(t["trials"] == 0 for t in rep2["tasks"] if t["name"] in reused)
+    assert record_lines(db)[: len(before)] == before
+
+
+def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):
+    with rpc.start_tracker() as tr:
+        with rpc.start_server(tr.addr, "farm", env=server_env()), rpc.start_server(tr.addr, "farm", env=server_env()):
+            assert [d["free"] for d in rpc.list_devices(tr.addr) if d["key"] == "farm"] == [2]
+            proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--trials", "24",
+                           "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "farm", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["devices_available"] == 2
+    assert rep["devices_used"] == 2
+
+
+def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, tmp_path):
+    db = tmp_path / "db"
+    with rpc.start_tracker() as tr:
+        srv = rpc.start_server(tr.addr, "victim", env=server_env())
+        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "64",
+               "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while len(record_lines(db)) < 4 and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.5)
+            assert proc.poll() is None, "tuning ended before the device could be killed"
+            srv.stop()  # the device disappears (its whole process group is killed)
+            kept = len(record_lines(db))
+            out, err = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode != 0
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert lines and "lost" in lines[0] and "--resume" in lines[0], err[-2000:]
+        assert "Traceback" not in err
+        assert assert_valid_database(db) >= kept
+        assert json.loads((db / STATE).read_text())["last_run"]["completed"] is False
+
+        with rpc.start_server(tr.addr, "victim", env=server_env()):
+            res = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--resume",
+                          "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "victim", "--json", "--no-compare")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
+    assert assert_valid_database(db) >= kept
+
+
+def test_tune_errors(digits_onnx, tmp_path):
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--resume")
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--rpc-tracker", "127.0.0.1:1",
+                   "--rpc-key", "pi4")
+    assert proc.returncode != 0 and "127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr

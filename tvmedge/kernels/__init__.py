@@ -1,0 +1,51 @@
+"""Hand-written binarized (XNOR/popcount) kernels: one module per backend, one interface.
+
+Every backend module (``numba``, ``opencl``, ``cupy``, ``tvm``) provides
+
+* ``available() -> (bool, reason)``
+* ``xnor_gemm(a_packed, b_packed, k_bits) -> int32 [M, N]``: ``a`` [M, W] and ``b`` [N, W] are
+  uint64 words from :func:`tvmedge.kernels.pack.pack_bits` (W = ceil(K / 64)); the result is
+  ``sum_k a_mk * b_nk`` over ±1 values, i.e. ``K - 2 * popcount(a XOR b)``.
+* ``bconv2d(x, w, stride=1, padding=0, pad_value=0) -> int32 NCHW``: binary conv of the signs
+  of NCHW ``x`` and OIHW ``w`` (or a prepacked :class:`~tvmedge.kernels.pack.PackedConvWeight`).
+
+Bit layout, padding rules and the numpy references live in :mod:`tvmedge.kernels.pack`;
+benchmarks and the ``tvmedge kernels bench`` command in :mod:`tvmedge.kernels.bench`.
+Backend modules import lazily: importing this package pulls in none of numba, pyopencl, cupy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+BACKENDS: tuple[str, ...] = ("numba", "opencl", "cupy", "tvm")
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module ``name`` (one of :data:`BACKENDS`), imported on first use."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__name__}.{name}_backend")
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    """``available()`` of a backend, with import failures turned into (False, reason)."""
+    try:
+        return get_backend(name).available()
+    except Exception as e:  # a backend that cannot even import is simply unavailable
+        return False, f"{type(e).__name__}: {e}"
+
+
+def kernel_source(filename: str) -> str:
+    """Text of a hand-written kernel file from the repository's ``kernels/`` folder.
+
+    ``TVMEDGE_KERNELS_DIR`` overrides the folder (e.g. for a non-editable install).
+    """
+    folder = Path(os.environ.get("TVMEDGE_KERNELS_DIR") or Path(__file__).resolve().parents[2] / "kernels")
+    path = folder / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel source {path} not found (set TVMEDGE_KERNELS_DIR)")
+    return path.read_text()
