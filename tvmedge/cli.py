@@ -30,6 +30,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
+    from .optimize.cli import apply_rewrites, print_report, wants_rewrites
+
+    if wants_rewrites(args):
+        model, report = apply_rewrites(model, args, progress=not args.json)
+        if not args.json:
+            print_report(report)
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
                          use_shipped=not args.no_shipped_schedules)
     if args.json:
@@ -139,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --tuning-db, do not apply the databases shipped in schedules/ for this device")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
+    from .optimize.cli import add_optimize_args
+
+    add_optimize_args(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run an artifact here or on a device over RPC and time it")

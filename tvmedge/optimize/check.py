@@ -1,0 +1,94 @@
+"""Run a (rewritten) model on this host and check it against the original model.
+
+``HostRunner`` compiles a Relax module for this machine (untuned: this is for numerics
+and accuracy, not speed) and runs it on numpy inputs; ``compare`` gives the max absolute
+and relative error between two models over a data set; ``score`` gives the task metric
+(top-1 accuracy for class logits, mean IoU for per-pixel class scores).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..frontend import ImportedModel
+from .data import Dataset
+
+
+class HostRunner:
+    """The model compiled for this host; call it with ``{input name: array}``."""
+
+    def __init__(self, model: ImportedModel) -> None:
+        import tvm
+        from tvm import relax
+
+        from ..target import resolve
+
+        self.model = model
+        ex = tvm.compile(model.mod, target=resolve("host").target)
+        self.dev = tvm.cpu(0)
+        self.vm = relax.VirtualMachine(ex, self.dev)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[s.name]), self.dev) for s in self.model.inputs]
+        out = self.vm["main"](*args)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [o.numpy() for o in outs]
+
+
+def outputs_over(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], data: Dataset,
+                 limit: int | None = None) -> list[np.ndarray]:
+    """Each output concatenated over the data set (first output axis = samples)."""
+    samples = data.samples[:limit] if limit else data.samples
+    per = [run(s) for s in samples]
+    return [np.concatenate([p[i] for p in per]) for i in range(len(per[0]))]
+
+
+def errors(ref: Iterable[np.ndarray], new: Iterable[np.ndarray]) -> dict[str, float]:
+    """Max absolute error, and max relative error (to the reference's largest magnitude)."""
+    abs_err, rel_err = 0.0, 0.0
+    for r, n in zip(ref, new):
+        d = float(np.abs(r.astype(np.float64) - n.astype(np.float64)).max()) if r.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        abs_err = max(abs_err, d)
+        rel_err = max(rel_err, d / scale if scale else d)
+    return {"max_abs": abs_err, "max_rel": rel_err}
+
+
+def score(outputs: list[np.ndarray], data: Dataset) -> float | None:
+    """The task metric of the first output on ``data`` (None when it has no labels)."""
+    if data.labels is None:
+        return None
+    pred = outputs[0]
+    labels = data.labels[: pred.shape[0]]
+    if data.metric == "accuracy":
+        return float((pred.reshape(pred.shape[0], -1).argmax(axis=1) == labels).mean())
+    return mean_iou(pred.argmax(axis=1), labels, data.num_classes or int(pred.shape[1]))
+
+
+def mean_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    ious = []
+    for c in range(num_classes):
+        inter = np.logical_and(pred == c, labels == c).sum()
+        union = np.logical_or(pred == c, labels == c).sum()
+        if union:
+            ious.append(inter / union)
+    return float(np.mean(ious)) if ious else 0.0
+
+
+def check(original: ImportedModel, rewritten: ImportedModel, data: Dataset, eval_data: Dataset | None = None,
+          limit: int = 64, ref_runner: HostRunner | None = None) -> dict[str, Any]:
+    """Numerics of ``rewritten`` against ``original`` on ``data`` and, given ``eval_data``, both metrics."""
+    ref_run = ref_runner or HostRunner(original)
+    new_run = HostRunner(rewritten)
+    out: dict[str, Any] = errors(outputs_over(ref_run, data, limit), outputs_over(new_run, data, limit))
+    out["samples"] = min(limit, len(data))
+    if eval_data is not None and eval_data.labels is not None:
+        before = score(outputs_over(ref_run, eval_data), eval_data)
+        after = score(outputs_over(new_run, eval_data), eval_data)
+        out.update(metric=eval_data.metric, before=before, after=after,
+                   drop_points=None if before is None else round(100 * (before - after), 3))
+    return out
