@@ -102,7 +102,7 @@ def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, 
     db = tmp_path / "db"
     with rpc.start_tracker() as tr:
         srv = rpc.start_server(tr.addr, "victim", env=server_env())
-        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "64",
+        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "24",
                "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
@@ -129,6 +129,42 @@ def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, 
     assert res.returncode == 0, res.stderr
     assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
     assert assert_valid_database(db) >= kept
+
+
+@pytest.mark.slow
+def test_tune_on_emulated_pi4_compile_and_run_there_matches_onnxruntime(digits_onnx, tmp_path):
+    """The issue's bar: tune against an emulated pi4 through a tracker, compile with the
+    database for pi4, run the artifact on the emulated board over RPC, compare with ORT."""
+    import onnxruntime as ort
+
+    from tvmedge.deploy.emulate import EmulatedDevice
+
+    db = tmp_path / "db"
+    key = f"pi4-tune-{os.getpid()}"
+    x = zoo.example_input(zoo.get("digits-cnn"), seed=11).numpy()
+    np.savez(tmp_path / "in.npz", input=x)
+    with rpc.start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key=key):
+        addr = rpc.format_host_port(tr.addr)
+        proc = tvmedge("tune", str(digits_onnx), "--target", "pi4", "--tuning-db", str(db), "--trials", "8",
+                       "--rpc-tracker", addr, "--rpc-key", key, "--emulated", "--json", "--no-compare")
+        assert proc.returncode == 0, proc.stderr
+        rep = json.loads(proc.stdout)
+        assert rep["emulated"] is True and rep["devices_used"] == 1 and rep["trials_run"] >= 4
+        assert [t for t in rep["tasks"] if t["best_us"]], rep["tasks"]
+        assert assert_valid_database(db) >= 4
+
+        proc = tvmedge("compile", str(digits_onnx), "--target", "pi4", "--tuning-db", str(db),
+                       "-o", str(tmp_path / "pi4.tar"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["tuning_db"] == str(db)
+        proc = tvmedge("run", str(tmp_path / "pi4.tar"), "--rpc-tracker", addr, "--rpc-key", key, "--repeat", "3",
+                       "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(proc.stdout)
+    assert info["target"]["mtriple"].startswith("aarch64") and info["latency_ms"]["median"] > 0
+    ref = ort.InferenceSession(str(digits_onnx)).run(None, {"input": x})[0]
+    out = np.load(tmp_path / "out.npz")["logits"]
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
 
 
 def test_tune_errors(digits_onnx, tmp_path):

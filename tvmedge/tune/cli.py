@@ -106,7 +106,7 @@ def run_tune(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json, highlight=False)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
-    with device_pool(device, args.rpc_tracker, args.rpc_key, None, log=lambda m: console.print(m)) as pool:
+    with device_pool(device, args.rpc_tracker, args.rpc_key, None, log=lambda m: console.print(m, markup=False)) as pool:
         tracker, key, free, emulated = pool
         emulated = emulated or bool(args.emulated)
         report = tune_model(model, device, args.tuning_db, args.trials, tracker, key, n_devices=free,
