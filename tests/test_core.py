@@ -211,3 +211,30 @@ def test_device_descriptions_resolve():
     assert resolve("jetson-nano").target.kind.name == "cuda"
     assert resolve("raspberry-pi/4b-aarch64").cross_compiler == "aarch64-linux-gnu-g++"
     assert resolve('{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}').cross_compiler == "riscv64-linux-gnu-g++"
+
+
+def test_error_unreachable_tracker_and_remote_run(tmp_path):
+    """`run` through a tracker: one line when nobody listens there; a real run when a device is up."""
+    from tvmedge.deploy import rpc
+
+    cli("zoo", "export", "digits-cnn", "-o", str(tmp_path / "d.onnx"), check=True)
+    cli("compile", str(tmp_path / "d.onnx"), "-o", str(tmp_path / "d.tar"), check=True)
+    line = one_line_error(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "pi4"))
+    assert "127.0.0.1:1" in line
+    local = json.loads(cli("run", str(tmp_path / "d.tar"), "--json", "--repeat", "2", "--outputs",
+                           str(tmp_path / "local.npz"), check=True).stdout)
+    with rpc.start_tracker() as tr, rpc.start_server(tr.addr, "here"):
+        remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", rpc.format_host_port(tr.addr),
+                                "--rpc-key", "here", "--json", "--repeat", "2", "--outputs",
+                                str(tmp_path / "remote.npz"), check=True).stdout)
+    assert remote["latency_ms"]["median"] > 0 and remote["device"] != local["device"]
+    assert np.array_equal(np.load(tmp_path / "local.npz")["logits"], np.load(tmp_path / "remote.npz")["logits"])
+
+
+def test_zoo_export_tflite_compiles(tmp_path):
+    cli("zoo", "export", "digits-cnn", "-o", str(tmp_path / "d.tflite"), check=True)
+    meta = json.loads(cli("compile", str(tmp_path / "d.tflite"), "-o", str(tmp_path / "t.tar"), "--json",
+                          check=True).stdout)
+    assert meta["inputs"][0]["shape"] == [1, 8, 8, 1]  # TFLite is NHWC
+    line = one_line_error(cli("zoo", "export", "resnet18", "-o", str(tmp_path / "r.tflite")))
+    assert "TFLite" in line and not (tmp_path / "r.tflite").exists()

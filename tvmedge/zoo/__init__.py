@@ -59,7 +59,8 @@ def example_input(entry: ZooEntry, seed: int = 0) -> torch.Tensor:
 
 
 def export(name: str, path: str | os.PathLike, opset: int = 17) -> Path:
-    """Export a zoo model to ONNX (``.onnx``) or a ``torch.export`` program (``.pt2``)."""
+    """Export a zoo model to ONNX (``.onnx``), a ``torch.export`` program (``.pt2``) or
+    TFLite (``.tflite``: plain CNNs only, see :mod:`tvmedge.zoo.tflite_export`)."""
     entry = get(name)
     path = Path(path)
     model = entry.build()
@@ -76,7 +77,11 @@ def export(name: str, path: str | os.PathLike, opset: int = 17) -> Path:
     elif path.suffix == ".pt2":
         ep = torch.export.export(model, (x,))
         torch.export.save(ep, str(tmp))
+    elif path.suffix == ".tflite":
+        from .tflite_export import export_tflite
+
+        export_tflite(model, tmp, entry.input_shape, entry.input_name, entry.output_name)
     else:
-        raise TvmedgeError(f"cannot export to '{path.suffix}': use .onnx or .pt2")
+        raise TvmedgeError(f"cannot export to '{path.suffix}': use .onnx, .pt2 or .tflite")
     os.replace(tmp, path)
     return path
