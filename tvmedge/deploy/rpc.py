@@ -507,6 +507,18 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def _release_dropped_sessions() -> None:
+    """Close this process's own sessions that are dropped but not yet collected.
+
+    An ``RPCSession`` referenced from a cycle (a VirtualMachine and its remote functions,
+    MetaSchedule's runner futures) keeps its server busy until Python's cycle collector
+    runs, so asking the tracker for that same device would wait for ourselves.
+    """
+    import gc
+
+    gc.collect()
+
+
 def _session_connect(url: str, port: int, key: str, session_timeout: float, timeout: float, where: str):
     import tvm.rpc
 
@@ -562,6 +574,8 @@ def connect(tracker: HostPort | str | None = None, key: str | None = None,
                 keys = ", ".join(sorted(servers)) or "none"
                 raise TvmedgeError(f"no device is registered under key '{key}' at RPC tracker {where} "
                                    f"(keys there: {keys})")
+            if not int(summary.get("queue_info", {}).get(key, {}).get("free", 0)):
+                _release_dropped_sessions()
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
             try:
