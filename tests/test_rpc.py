@@ -192,3 +192,48 @@ def test_parse_host_port_ok():
     assert rpc.parse_host_port(" pi.local:9091 ") == ("pi.local", 9091)
     assert rpc.parse_host_port("[::1]:9190") == ("::1", 9190)
     assert rpc.format_host_port(("::1", 9190)) == "[::1]:9190"
+
+
+def test_dropped_session_in_a_cycle_does_not_block_the_next_connect(tracker):
+    """A session kept alive only by a reference cycle (a VM and its remote functions do
+    that) is ours to release: connect must not wait on it."""
+    server = rpc.start_server(tracker.addr, KEY + "-one")
+    try:
+        session = rpc.connect(tracker=tracker.addr, key=KEY + "-one", timeout=20)
+        cycle = [session]
+        cycle.append(cycle)
+        del session, cycle
+        again = rpc.connect(tracker=tracker.addr, key=KEY + "-one", timeout=10)
+        assert again.get_function("tvm.rpc.server.workpath")("")
+        del again
+        gc.collect()
+    finally:
+        server.stop()
+
+
+def test_two_artifacts_in_one_session_each_run_their_own_code(tracker, servers, tmp_path):
+    """The device's dlopen caches by path: each upload must get its own name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tvmedge.build import compile_model
+    from tvmedge.frontend import load_model
+    from tvmedge.run import run_artifact
+    from tvmedge.target import resolve
+
+    arts = {}
+    for op in ("Relu", "Neg"):
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], op,
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / f"{op}.onnx")
+        compile_model(load_model(tmp_path / f"{op}.onnx"), resolve("host"), tmp_path / f"{op}.tar")
+        arts[op] = tmp_path / f"{op}.tar"
+    x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
+    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=30)
+    relu = run_artifact(arts["Relu"], {"x": x}, repeat=1, session=session)
+    neg = run_artifact(arts["Neg"], {"x": x}, repeat=1, session=session)
+    np.testing.assert_array_equal(relu.outputs[0], np.maximum(x, 0))
+    np.testing.assert_array_equal(neg.outputs[0], -x)
+    del session
+    gc.collect()

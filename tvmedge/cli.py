@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the built-in default job: compile, run and compare a zoo model")
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--workdir", default=None, help="where to write the artifacts (default ./out/demo)")
+    p.add_argument("--trials", type=int, default=16, help="tuning budget on the emulated pi4 (default 16)")
+    p.add_argument("--skip-device", action="store_true", help="only the host part (no emulated pi4)")
     p.set_defaults(func=cmd_demo)
 
     # Stages that add their own verbs (device, tune, kernels, optimize).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,12 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
             num_threads = tvm.get_global_func("runtime.NumThreads")
             where = "local"
         else:
-            session.upload(str(lib_path))
-            lib = session.load_module(os.path.basename(lib_path))
+            # A fresh name per upload: the device's dlopen hands back an already loaded
+            # library for a path it has seen, so a second artifact in one session would
+            # silently run the first one's code.
+            remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
+            session.upload(str(lib_path), target=remote_name)
+            lib = session.load_module(remote_name)
             dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
             config = session.get_function("runtime.config_threadpool")
             num_threads = session.get_function("runtime.NumThreads")

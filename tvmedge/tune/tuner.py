@@ -250,9 +250,16 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     callback = _Callback(infos, db, on_batch, device_alive)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_as_measure_callback(callback)]
     work_dir = db.path / "logs"  # MetaSchedule's per-task logs, kept for the user
-    with bar:
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=budget,
-                      max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
-                      database=database, cost_model="xgb", measure_callbacks=callbacks,
-                      task_scheduler="gradient")
+    try:
+        with bar:
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=budget,
+                          max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
+                          database=database, cost_model="xgb", measure_callbacks=callbacks,
+                          task_scheduler="gradient")
+    finally:
+        # The runner's worker processes hold their last RPC session open, which keeps the
+        # device busy at the tracker for anyone who wants it next (measuring, the user).
+        for pool in (runner.pool, builder.pool):
+            if pool is not None:
+                pool.shutdown()
     return callback.device_lost
