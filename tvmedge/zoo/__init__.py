@@ -89,7 +89,14 @@ def export(name: str, path: str | os.PathLike, opset: int = 17) -> Path:
         from .tflite_export import export_tflite
 
         export_tflite(model, tmp, entry.input_shape, entry.input_name, entry.output_name)
+    elif path.suffix == ".relax":  # binary networks: XNOR/popcount operators on packed bits
+        from ..binary.lower import contains_binary_layers, export_relax
+
+        if not contains_binary_layers(model):
+            raise TvmedgeError(f"'.relax' export is for binary networks (e.g. digits-bnn); "
+                               f"export {name} to .onnx or .pt2")
+        export_relax(model, entry.input_shape, tmp, entry.input_name, entry.output_name, f"zoo:{name}")
     else:
-        raise TvmedgeError(f"cannot export to '{path.suffix}': use .onnx, .pt2 or .tflite")
+        raise TvmedgeError(f"cannot export to '{path.suffix}': use .onnx, .pt2, .tflite or .relax (binary)")
     os.replace(tmp, path)
     return path
