@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -217,7 +217,6 @@ class Layer:
     act_range: tuple[float, float] | None = None
     source: Any = None  # fold_qdq: the already-quantized input tensor
     skip: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _bias_of(var: Any, channels: int, out_ndim: int, axis: int, uses: dict, defs: dict) -> tuple[np.ndarray, Any] | None:
