@@ -133,9 +133,11 @@ class BinaryConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        if self.pad:
+        if self.pad and self.pad_value != 0.0:
             x = F.pad(x, [self.pad] * 4, value=self.pad_value)
-        return F.conv2d(x, self.effective_weight(), self.bias, self.stride)
+            return F.conv2d(x, self.effective_weight(), self.bias, self.stride)
+        # zero padding inside the conv: exports to ONNX as a plain Conv (no Pad node)
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.pad)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pad={self.pad}, pad_value={self.pad_value}, "
