@@ -41,6 +41,11 @@ def _digits_bnn() -> torch.nn.Module:
     return load_trained()
 
 
+def _shapes() -> torch.nn.Module:
+    from .shapes import load_trained
+    return load_trained()
+
+
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("mobilenet_v2", _random(models.MobileNetV2, 1), (1, 3, 224, 224), "input", "logits",
              "MobileNetV2 1.0, ImageNet head, 224x224 (random weights)"),
@@ -50,6 +55,8 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
              "LR-ASPP on MobileNetV3-Large, 21 classes, 256x512 segmentation (random weights)"),
     ZooEntry("digits-cnn", _digits, (1, 1, 8, 8), "input", "logits",
              "small CNN trained on scikit-learn's 8x8 handwritten digits", trained=True),
+    ZooEntry("shapes-seg", _shapes, (1, 3, 64, 64), "input", "segmap",
+             "small U-Net trained on generated coloured shapes, 4 classes, 64x64 segmentation", trained=True),
     ZooEntry("digits-bnn", _digits_bnn, (1, 1, 8, 8), "input", "logits",
              "binarized digits CNN (XNOR/popcount middle layers; export .relax to run them on bits)",
              trained=True),
