@@ -6,6 +6,11 @@ kernels with XNOR-Net per-channel scaling), each followed by BatchNorm. The ship
 ``tvmedge/zoo/weights/digits_bnn.pt`` come from ``train()`` (``python -m
 tvmedge.binary.digits_bnn`` retrains and overwrites them); without them the model is trained on
 first use and cached, like ``digits-cnn``.
+
+Weights are stored compactly (:func:`save_compact`): a binary layer's forward depends on its
+latent float kernel only through ``sign(W)`` and ``alpha = mean |W|``, so the file keeps the sign
+bits (``np.packbits``) and alpha per output channel, and rebuilds ``W = alpha * sign``; float
+layers are stored as they are. About 70 kB instead of 1.4 MB.
 """
 
 from __future__ import annotations
@@ -42,6 +47,36 @@ class DigitsBNN(nn.Sequential):
             nn.BatchNorm1d(256),
             nn.Linear(256, 10),                                                # float logits
         )
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save ``model`` with its binary kernels as sign bits + per-channel alpha (atomically)."""
+    binary = {f"{name}.weight": m for name, m in model.named_modules()
+              if isinstance(m, (BinaryConv2d, BinaryDense)) and m.kernel_quantizer is not None}
+    state = {k: v for k, v in model.state_dict().items() if k not in binary}
+    bits = {}
+    with torch.no_grad():
+        for key, m in binary.items():
+            w = m.weight.numpy()
+            bits[key] = {"bits": torch.from_numpy(np.packbits(w.reshape(-1) >= 0)),
+                         "shape": list(w.shape), "alpha": m.alpha().clone()}
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": "tvmedge-bnn-1", "float": state, "binary": bits}, tmp)
+    os.replace(tmp, path)
+
+
+def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load what :func:`save_compact` wrote into ``model`` (kernels rebuilt as alpha * sign)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = dict(saved["float"])
+    for key, b in saved["binary"].items():
+        n = int(np.prod(b["shape"]))
+        signs = np.unpackbits(b["bits"].numpy())[:n].astype(np.float32) * 2 - 1
+        alpha = b["alpha"].view(-1, *([1] * (len(b["shape"]) - 1)))
+        state[key] = torch.from_numpy(signs.reshape(b["shape"])) * alpha
+    model.load_state_dict(state)
+    return model
 
 
 def train(epochs: int = 60, seed: int = 0, verbose: bool = True) -> DigitsBNN:
@@ -82,14 +117,11 @@ def load_trained() -> DigitsBNN:
     cached = cache_dir() / "zoo" / "digits_bnn.pt"
     for path in (SHIPPED, cached):
         if path.exists():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
+            return load_compact(model, path).eval()
     model = train()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, cached)
-    return model.eval()
+    save_compact(model, cached)
+    return load_compact(DigitsBNN(), cached).eval()
 
 
 def held_out_accuracy(model: nn.Module) -> float:
@@ -102,5 +134,5 @@ def held_out_accuracy(model: nn.Module) -> float:
 if __name__ == "__main__":
     m = train()
     SHIPPED.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(m.state_dict(), SHIPPED)
+    save_compact(m, SHIPPED)
     print(f"wrote {SHIPPED} ({SHIPPED.stat().st_size / 1e3:.0f} kB)")
