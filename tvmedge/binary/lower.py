@@ -60,7 +60,8 @@ def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
 
 
 def _finish(sch) -> Any:
-    return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+    # opaque: FuseOps keeps it whole; is_scheduled: dlight and MetaSchedule leave it alone
+    return sch.mod["main"].with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
 
 
 def pack_conv_func(n: int, c: int, h: int, w: int, pad: int):
@@ -230,7 +231,7 @@ class _Lowerer:
     def call(self, key: tuple, make, args: list, out_shape: list[int], dtype: str):
         if key not in self.funcs:  # one PrimFunc per distinct shape
             name = f"{key[0]}_{len(self.funcs)}"
-            self.funcs[key] = self.bb.add_func(make().with_attr("global_symbol", name), name)
+            self.funcs[key] = self.bb.add_func(make().without_attr("global_symbol"), name)
         sinfo = self.relax.TensorType(out_shape, dtype)
         return self.bb.emit(self.relax.call_tir(self.funcs[key], args, out_ty=sinfo))
 
