@@ -190,8 +190,12 @@ def test_qdq_import_matches_onnxruntime(digits):
     qdq_path = digits["dir"] / "digits-qdq.onnx"
     quantize_static(str(digits["path"]), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    imported = load_model(qdq_path)
+    imported = load_model(qdq_path, fold_quantized=False)
     assert has_qdq(imported) and not int8_ops(imported)  # the importer leaves float convs
+    # by default the import folds them (compile, tune and run see the int8 graph)
+    default = load_model(qdq_path)
+    assert default.rewrites and default.rewrites[-1]["rewrite"] == "qdq-fold"
+    assert_real_int8(default, 5)
     folded, rep = fold_qdq(imported)
     assert_real_int8(folded, 5)
     assert len(rep["layers"]) == 5 and not rep["skipped"]

@@ -65,8 +65,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> ImportedModel:
-    """Import ``path`` into Relax; ``input_shapes`` fixes dynamic input dims."""
+def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,
+               fold_quantized: bool = True) -> ImportedModel:
+    """Import ``path`` into Relax; ``input_shapes`` fixes dynamic input dims.
+
+    A model quantized elsewhere (ONNX QDQ format) imports as quantize -> dequantize ->
+    float op; with ``fold_quantized`` its layers become real int8 ops at import, so
+    compile, tune and run all see the same int8 graph (recorded in ``rewrites``).
+    """
     path = Path(path)
     if not path.exists():
         raise TvmedgeError(f"model file not found: {path}")
@@ -83,8 +89,14 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
         raise TvmedgeError(f"--input-shape names unknown input(s) {sorted(unknown)}; "
                            f"model inputs are {[i.name for i in inputs]}")
     outputs = _output_specs(mod, out_names)
-    return ImportedModel(mod=mod, inputs=inputs, outputs=outputs, format=fmt,
-                         source=str(path), sha256=file_sha256(path))
+    model = ImportedModel(mod=mod, inputs=inputs, outputs=outputs, format=fmt,
+                          source=str(path), sha256=file_sha256(path))
+    if fold_quantized:
+        from .optimize.quantize import fold_qdq, has_qdq
+
+        if has_qdq(model):
+            model, _ = fold_qdq(model)
+    return model
 
 
 def save_relax(model: ImportedModel, path: str | os.PathLike) -> Path:

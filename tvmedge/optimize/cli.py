@@ -71,11 +71,6 @@ def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: boo
     evals = data_mod.load(args.eval, model, "eval") if args.eval else None
     original = model
     reports: list[dict[str, Any]] = []
-    from .quantize import fold_qdq, has_qdq
-
-    if has_qdq(model):  # a model quantized elsewhere (ONNX QDQ): make its int8 layers real int8 ops
-        model, rep = fold_qdq(model)
-        reports.append(rep)
     if args.lowrank or args.lowrank_flops:
         from .lowrank import factorize
 
