@@ -75,21 +75,31 @@ def pack_conv_func(n: int, c: int, h: int, w: int, pad: int):
     one = tirx.const(1, "uint64")
     zero = tirx.const(0, "uint64")
 
-    def word(ni, yy, xx, wi):
+    def word(ni, y, wi, xx):
         ch = wi * WORD_BITS + b
-        inside = tirx.all(yy >= pad, yy < h + pad, xx >= pad, xx < w + pad)
-        # if_then_else evaluates one branch only, so the read never leaves the tensor.
-        sign = tirx.if_then_else(inside, x[ni, tirx.min(ch, c - 1), yy - pad, xx - pad] >= 0.0,
-                                 tirx.const(True, "bool"))
+        sign = x[ni, tirx.min(ch, c - 1), y, xx] >= 0.0
         bit = tirx.all(ch < c, sign) if c % WORD_BITS else sign
         return te.sum(tirx.if_then_else(bit, one << b.astype("uint64"), zero), axis=b)
 
-    out = te.compute((n, h + 2 * pad, w + 2 * pad, cw), word, name="packed")
+    # [N, H, CW, W]: a row of words is contiguous, so the row loop below vectorizes
+    inner = te.compute((n, h, cw, w), word, name="inner")
+    # A padded tap is +1 in every real channel, 0 in the channel padding of the last word.
+    last = (1 << (c % WORD_BITS)) - 1 if c % WORD_BITS else (1 << WORD_BITS) - 1
+    full = tirx.const((1 << WORD_BITS) - 1, "uint64")
+    out = te.compute((n, h + 2 * pad, w + 2 * pad, cw), lambda ni, yy, xx, wi: tirx.if_then_else(
+        tirx.all(yy >= pad, yy < h + pad, xx >= pad, xx < w + pad),
+        inner[ni, yy - pad, wi, xx - pad],
+        tirx.if_then_else(wi == cw - 1, tirx.const(last, "uint64"), full)), name="packed")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
-    blk = sch.get_sblock("packed")
-    ni, yy, xx, wi, bb = sch.get_loops(blk)
-    sch.parallel(sch.fuse(ni, yy))
-    sch.unroll(bb)
+    blk = sch.get_sblock("inner")
+    ni, y, wi, xx, bb = sch.get_loops(blk)
+    # Bits of one word come from 64 channel planes: walk each plane along a row so that the
+    # loads are contiguous and the row loop vectorizes.
+    sch.reorder(ni, y, wi, bb, xx)
+    outer = sch.fuse(ni, y)
+    sch.parallel(outer)
+    sch.vectorize(xx)
+    sch.decompose_reduction(blk, bb)
     return _finish(sch)
 
 
