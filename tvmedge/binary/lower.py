@@ -125,9 +125,12 @@ def pack_dense_func(n: int, k: int):
 
 
 def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, stride: int,
-                   oh: int, ow: int, k_bits: int):
+                   oh: int, ow: int, k_bits: int, x_tile: int | None = None, o_tile: int | None = None,
+                   acc: str = "int32"):
     """PrimFunc: packed [N,HP,WP,CW] x weights [KH,KW,CW,O] (+ corr [O,OH,OW], scale [O],
-    shift [O]) -> float32 NCHW ``(K - 2 popcount(a^w) - corr) * scale + shift``."""
+    shift [O]) -> float32 NCHW ``(K - 2 popcount(a^w) - corr) * scale + shift``.
+
+    Output tile: ``x_tile`` columns (unrolled) x ``o_tile`` channels (vectorized)."""
     import tvm.s_tir as s_tir
     from tvm import te, tirx
 
@@ -140,16 +143,16 @@ def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, 
     rj = te.reduce_axis((0, kw), name="rj")
     rc = te.reduce_axis((0, cw), name="rc")
     pop = te.compute((n, oh, ow, o), lambda ni, y, xx, oc: te.sum(
-        tirx.popcount(a[ni, y * stride + ri, xx * stride + rj, rc] ^ wt[ri, rj, rc, oc]).astype("int32"),
+        tirx.popcount(a[ni, y * stride + ri, xx * stride + rj, rc] ^ wt[ri, rj, rc, oc]).astype(acc),
         axis=[ri, rj, rc]), name="pop")
     out = te.compute((n, o, oh, ow), lambda ni, oc, y, xx: (
-        (k_bits - 2 * pop[ni, y, xx, oc] - corr[oc, y, xx]).astype("float32") * scale[oc] + shift[oc]),
+        (k_bits - 2 * pop[ni, y, xx, oc].astype("int32") - corr[oc, y, xx]).astype("float32") * scale[oc] + shift[oc]),
         name="out")
     sch = s_tir.Schedule(te.create_prim_func([a, wt, corr, scale, shift, out]))
     blk = sch.get_sblock("pop")
     ni, y, xx, oc, i, j, c = sch.get_loops(blk)
-    xt = _largest_divisor(ow, (4, 2))
-    ot = _largest_divisor(o, (32, 16, 8))
+    xt = x_tile or _largest_divisor(ow, (4, 2))
+    ot = o_tile or _largest_divisor(o, (32, 16, 8))
     xo, xi = sch.split(xx, [None, xt])
     oo, oi = sch.split(oc, [None, ot])
     sch.reorder(ni, y, xo, oo, i, j, c, xi, oi)
@@ -158,10 +161,13 @@ def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, 
     # The xt x ot accumulator tile lives in registers across the whole reduction.
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, oo)
-    sch.reverse_compute_at(sch.get_sblock("out"), outer)
+    epi = sch.get_sblock("out")
+    sch.reverse_compute_at(epi, outer)
     sch.unroll(xi)
     sch.vectorize(oi)
     sch.decompose_reduction(blk, i)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.vectorize(sch.get_loops(epi)[-1])
     return _finish(sch)
 
 
