@@ -300,7 +300,7 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress and (step + 1) % max(1, steps // 10) == 0:
             print(f"finetune: step {step + 1}/{steps} distillation loss {np.mean(losses[-10:]):.4g}", flush=True)
     with torch.no_grad():
