@@ -97,9 +97,11 @@ class _Callback:
         if errors and not costs:
             self.failed_batches += 1
             if not self.device_alive():
+                # Abort the whole run from here: terminating every task instead trips
+                # MetaSchedule's round-robin phase, which hands out task ids without
+                # checking whether they were terminated.
                 self.device_lost = True
-                for i in range(len(self.tasks)):
-                    _terminate(scheduler, i)
+                raise _DeviceLost("no RPC server left under the device key")
         else:
             self.failed_batches = 0
         h = info.history
@@ -107,6 +109,10 @@ class _Callback:
             info.status = "converged"
             _terminate(scheduler, task_id)
         self.on_batch()
+
+
+class _DeviceLost(Exception):
+    """Raised inside the tuning loop to stop it when the device is gone."""
 
 
 def _terminate(scheduler, task_id: int) -> None:
@@ -256,6 +262,9 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
                           max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
                           database=database, cost_model="xgb", measure_callbacks=callbacks,
                           task_scheduler="gradient")
+    except Exception:
+        if not callback.device_lost:
+            raise
     finally:
         # The runner's worker processes hold their last RPC session open, which keeps the
         # device busy at the tracker for anyone who wants it next (measuring, the user).
