@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a model into a deployable library (.tar)")
-    p.add_argument("model", help="ONNX (.onnx), torch.export program (.pt2) or TFLite (.tflite)")
+    p.add_argument("model", help="ONNX (.onnx), torch.export program (.pt2), TFLite (.tflite) or tvmedge .relax")
     p.add_argument("-o", "--output", required=True, help="artifact to write (.tar)")
     p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = zp.add_parser("list", help="list the zoo models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_zoo_list)
-    p = zp.add_parser("export", help="export a zoo model to .onnx or .pt2")
+    p = zp.add_parser("export", help="export a zoo model to .onnx, .pt2, .tflite or .relax (binarized models: packed-bit ops)")
     p.add_argument("name")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_zoo_export)

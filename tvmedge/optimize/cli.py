@@ -51,6 +51,8 @@ def wants_rewrites(args: argparse.Namespace) -> bool:
 def _validate(args: argparse.Namespace) -> None:
     if (args.quantize or args.compact) and not args.calib:
         raise TvmedgeError("--quantize and --compact need calibration data: --calib digits|shapes|FILE.npz|DIR")
+    if args.finetune_steps and not args.calib:
+        raise TvmedgeError("--finetune-steps distils on calibration data: give --calib digits|shapes|FILE.npz")
     if args.lowrank and args.lowrank_flops:
         raise TvmedgeError("give --lowrank ENERGY or --lowrank-flops RATIO, not both")
     if args.lowrank is not None and not 0 < args.lowrank <= 1:
@@ -113,7 +115,9 @@ def print_report(report: dict[str, Any], out=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=out or sys.stdout)
+    stream = out or sys.stdout
+    # Piped or logged output gets rich's 80 columns, too narrow for the per-layer tables.
+    console = Console(file=stream, width=None if stream.isatty() else 160)
     for rep in report["rewrites"]:
         layers = rep.get("layers", [])
         if layers:
