@@ -69,10 +69,11 @@ class _Callback:
     """Runs in the tuning loop after each measured batch (after the database commit)."""
 
     def __init__(self, tasks: list[TaskInfo], db: TuningDatabase, on_batch: Callable[[], None],
-                 device_alive: Callable[[], bool]) -> None:
+                 device_alive: Callable[[], bool], stopped: set[int]) -> None:
         self.tasks, self.db, self.on_batch, self.device_alive = tasks, db, on_batch, device_alive
         self.device_lost = False
         self.failed_batches = 0
+        self.stopped = stopped  # converged tasks: their search hands out no more candidates
 
     def __call__(self, scheduler, task_id, candidates, builder_results, runner_results) -> None:
         info = self.tasks[task_id]
@@ -107,7 +108,7 @@ class _Callback:
         h = info.history
         if len(h) > CONVERGE_ROUNDS and h[-1] > h[-1 - CONVERGE_ROUNDS] * (1 - CONVERGE_GAIN):
             info.status = "converged"
-            _terminate(scheduler, task_id)
+            self.stopped.add(task_id)
         self.on_batch()
 
 
@@ -115,11 +116,37 @@ class _DeviceLost(Exception):
     """Raised inside the tuning loop to stop it when the device is gone."""
 
 
-def _terminate(scheduler, task_id: int) -> None:
-    try:
-        scheduler.terminate_task(task_id)
-    except Exception:  # TVM refuses to terminate a task twice; once is all we want
-        pass
+def _stoppable(inner, task_id: int, stopped: set[int]) -> Any:
+    """``inner`` (a MetaSchedule search strategy) that ends its task once ``task_id`` is in ``stopped``.
+
+    Ending a converged task this way lets the scheduler terminate it itself; calling
+    ``terminate_task`` from a measure callback trips the scheduler's own checks (it joins
+    a task and then terminates or runs it without looking again).
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
+
+    @derived_object
+    class StoppableSearch(PySearchStrategy):
+        def _initialize_with_tune_context(self, context) -> None:
+            inner._initialize_with_tune_context(context)
+
+        def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+            inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+        def post_tuning(self) -> None:
+            inner.post_tuning()
+
+        def generate_measure_candidates(self):
+            return None if task_id in stopped else inner.generate_measure_candidates()
+
+        def notify_runner_results(self, measure_candidates, results) -> None:
+            inner.notify_runner_results(measure_candidates, results)
+
+        def clone(self):
+            return _stoppable(inner.clone(), task_id, stopped)
+
+    return StoppableSearch()
 
 
 def _as_measure_callback(fn: Callable) -> Any:
@@ -232,10 +259,11 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     # host time per round and task; with few trials per task a smaller population finds
     # as good candidates much sooner.
     population = 512 if per_task >= 128 else 256 if per_task >= 32 else 96
+    stopped: set[int] = set()
     contexts = [ms.TuneContext(mod=t.dispatched[0], target=target, space_generator="post-order-apply",
-                               search_strategy=ms.search_strategy.EvolutionarySearch(
+                               search_strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
                                    population_size=population, init_min_unmeasured=min(50, population // 2),
-                                   genetic_num_iters=4 if population >= 256 else 2),
+                                   genetic_num_iters=4 if population >= 256 else 2), i, stopped),
                                task_name=t.task_name, rand_state=i + 1, num_threads="physical")
                 for i, (t, _) in enumerate(todo)]
     weights = [float(t.weight) for t, _ in todo]
@@ -253,7 +281,7 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
         est = sum(i.weight * i.best_us for i in infos if i.best_us) / 1e3
         bar.update(job, completed=min(done, budget), best=f"best model est. {est:.2f} ms" + (" (emulated)" if emulated else ""))
 
-    callback = _Callback(infos, db, on_batch, device_alive)
+    callback = _Callback(infos, db, on_batch, device_alive, stopped)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_as_measure_callback(callback)]
     work_dir = db.path / "logs"  # MetaSchedule's per-task logs, kept for the user
     try:
