@@ -57,6 +57,7 @@ def main() -> None:
     from tvmedge.run import random_inputs
     from tvmedge.target import resolve
     from tvmedge.tune.cli import _alive, device_pool
+    from tvmedge.tune.database import export_best
     from tvmedge.tune.tuner import tune_model
 
     device = resolve("host")
@@ -104,7 +105,10 @@ def main() -> None:
                 dest = Path(__file__).parent.parent / "schedules" / f"host-{device.target_json.get('mcpu')}" / name
                 if dest.exists():
                     shutil.rmtree(dest)
-                shutil.copytree(db_dir, dest, ignore=shutil.ignore_patterns(".lock", ".staging"))
+                kept = export_best(db_dir, dest)  # the best record per workload: all compile applies
+                print(f"  saved {kept} records to {dest}", flush=True)
+            RESULTS.mkdir(parents=True, exist_ok=True)  # after each model: a crash keeps what was measured
+            (RESULTS / "tuning.json").write_text(json.dumps(out, indent=2))
 
     table = Table(title=f"tuning on this host ({threads} threads): tuned TVM / ONNX Runtime")
     for col in ("model", "trials", "minutes", "TVM ms", "ORT ms", "TVM/ORT"):

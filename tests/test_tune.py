@@ -16,7 +16,7 @@ import pytest
 
 from tvmedge import zoo
 from tvmedge.deploy import rpc
-from tvmedge.tune.database import RECORDS, STATE, WORKLOADS
+from tvmedge.tune.database import RECORDS, STATE, WORKLOADS, export_best
 
 
 def tvmedge(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -84,6 +84,18 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
     assert reused == {t["name"] for t in tuned}
     assert all(t["trials"] == 0 for t in rep2["tasks"] if t["name"] in reused)
     assert record_lines(db)[: len(before)] == before
+
+    # What schedules/ ships: the fastest measured record of each workload, nothing else.
+    best = {}
+    for line in record_lines(db):
+        idx, rec = json.loads(line)
+        if rec[1] and all(s < 1e9 for s in rec[1]):
+            t = sum(rec[1]) / len(rec[1])
+            best[idx] = min(best.get(idx, t), t)
+    assert export_best(db, tmp_path / "best") == len(best) == assert_valid_database(tmp_path / "best")
+    for line in record_lines(tmp_path / "best"):
+        idx, rec = json.loads(line)
+        assert sum(rec[1]) / len(rec[1]) == best[idx]
 
 
 def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):

@@ -141,3 +141,27 @@ class TuningDatabase:
 
 def count_records(path: str | os.PathLike) -> int:
     return len(_valid_lines(Path(path) / RECORDS))
+
+
+def export_best(src: str | os.PathLike, dest: str | os.PathLike) -> int:
+    """Copy the database ``src`` to ``dest`` keeping only the fastest record per workload.
+
+    That is all ``compile`` applies, and what ``schedules/`` ships (a full tuning history is
+    ~20x larger). Workloads keep their indices; failed measurements (no run time) are
+    dropped. Returns the number of records kept.
+    """
+    src, dest = Path(src), Path(dest)
+    best: dict[int, tuple[float, bytes]] = {}
+    for raw in _valid_lines(src / RECORDS):
+        idx, rec = json.loads(raw)
+        secs = [float(s) for s in (rec[1] or [])]
+        if secs and all(s < 1e9 for s in secs):
+            t = sum(secs) / len(secs)
+            if idx not in best or t < best[idx][0]:
+                best[idx] = (t, raw)
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest / WORKLOADS, b"\n".join(_valid_lines(src / WORKLOADS)) + b"\n")
+    atomic_write(dest / RECORDS, b"".join(raw + b"\n" for _, (_, raw) in sorted(best.items())))
+    if (src / STATE).exists():
+        atomic_write(dest / STATE, (src / STATE).read_bytes())
+    return len(best)

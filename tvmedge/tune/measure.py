@@ -52,13 +52,30 @@ def _registered(rpc_config, grace_s: float = 3.0) -> bool:
 def create_session_logged(rpc_config, log_path: str | None = None):
     """Request a device from the tracker; note which server answered (for the farm report).
 
-    The tracker queues a request for a key with no server forever; a lost device must
-    fail the candidate at once instead, so that the tuner can notice and stop.
+    The tracker queues a request for a key with no server forever, and MetaSchedule's
+    runner waits on its workers without a time-out: a device lost between our check and
+    the request (or while queued behind another session) hung tuning for good. So the
+    request is bounded and re-asked in short slices, and it fails as soon as no server is
+    registered under the key any more, so that the tuner can notice and stop.
     """
-    if not _registered(rpc_config):
-        raise RuntimeError(f"no server registered under key '{rpc_config.tracker_key}' at the tracker "
-                           "(device lost)")
-    session = rpc_config.connect_server()
+    import time
+
+    from ..deploy import rpc
+    from ..errors import TvmedgeError
+
+    tracker = (rpc_config.tracker_host, rpc_config.tracker_port)
+    key = rpc_config.tracker_key
+    deadline = time.monotonic() + max(30.0, float(rpc_config.session_timeout_sec or 60))
+    while True:
+        if not _registered(rpc_config):
+            raise RuntimeError(f"no server registered under key '{key}' at the tracker (device lost)")
+        try:
+            session = rpc.connect(tracker=tracker, key=key, timeout=10.0,
+                                  session_timeout=float(rpc_config.session_timeout_sec or 0))
+            break
+        except TvmedgeError as e:  # all busy (someone else's session) or gone: look again
+            if time.monotonic() > deadline:
+                raise RuntimeError(str(e)) from None
     if log_path:
         try:
             where = session.get_function("tvm.rpc.server.workpath")("")
@@ -129,9 +146,17 @@ def make_runner(tracker: tuple[str, int], key: str, workers: int, session_timeou
     # Emulated devices are 10-30x slower: fewer, shorter runs; real ones: a steadier mean.
     evaluator = ms.runner.EvaluatorConfig(number=1 if emulated else 3, repeat=2 if emulated else 3,
                                           min_repeat_ms=0 if emulated else 40, enable_cpu_cache_flush=False)
-    return ms.runner.RPCRunner(rpc_config, evaluator, max_workers=workers,
-                               f_create_session=functools.partial(create_session_logged,
-                                                                  log_path=str(device_log)))
+    runner = ms.runner.RPCRunner(rpc_config, evaluator, max_workers=workers,
+                                 f_create_session=functools.partial(create_session_logged,
+                                                                    log_path=str(device_log)))
+    # RPCRunner's pool has no time-out (its session_timeout_sec only names the error), so
+    # a measurement stuck on a dead socket would stall tuning forever. A pool with a
+    # time-out kills such a worker and reports the candidate as timed out.
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    runner.pool.shutdown()
+    runner.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * session_timeout_s + 30)
+    return runner
 
 
 def devices_used(device_log: Path) -> int:
