@@ -74,20 +74,24 @@ def train(model: torch.nn.Module | None = None, epochs: int = 30, seed: int = 0,
     return model
 
 
-def load_trained() -> DigitsCNN:
-    """The trained DigitsCNN: the shipped weights, else a cached or freshly trained copy."""
-    model = DigitsCNN()
-    for path in (SHIPPED, cache_dir() / "zoo" / "digits_cnn.pt"):
+def load_or_train(model: torch.nn.Module, shipped: Path, train_fn) -> torch.nn.Module:
+    """``model`` with the shipped weights, else a cached copy, else trained now (and cached)."""
+    cached = cache_dir() / "zoo" / shipped.name
+    for path in (shipped, cached):
         if path.exists():
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval()
-    model = train(model)
-    path = cache_dir() / "zoo" / "digits_cnn.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    model = train_fn(model)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, cached)
     return model.eval()
+
+
+def load_trained() -> DigitsCNN:
+    """The trained DigitsCNN: the shipped weights, else a cached or freshly trained copy."""
+    return load_or_train(DigitsCNN(), SHIPPED, train)
 
 
 if __name__ == "__main__":

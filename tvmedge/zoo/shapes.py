@@ -16,7 +16,6 @@ retrains and overwrites them); when the file is missing the model is trained on 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .digits import cache_dir
+from .digits import load_or_train
 
 SHIPPED = Path(__file__).parent / "weights" / "shapes_seg.pt"
 SIZE = 64
@@ -154,18 +153,7 @@ def train(model: nn.Module | None = None, seconds: float = 420.0, seed: int = 0,
 
 def load_trained() -> ShapesSeg:
     """The trained ShapesSeg: the shipped weights, else a cached or freshly trained copy."""
-    model = ShapesSeg()
-    for path in (SHIPPED, cache_dir() / "zoo" / "shapes_seg.pt"):
-        if path.exists():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
-    model = train(model)
-    path = cache_dir() / "zoo" / "shapes_seg.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model.eval()
+    return load_or_train(ShapesSeg(), SHIPPED, train)
 
 
 if __name__ == "__main__":
