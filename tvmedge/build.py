@@ -5,6 +5,10 @@ device — cross-linked with the target's compiler — with the weights embedded
 constants) and ``metadata.json`` (inputs, outputs, target, TVM version, model hash,
 rewrites and tuning database applied). The device needs only the plain TVM runtime:
 ``tvm.runtime.load_module`` + ``relax.VirtualMachine``.
+
+Target-specific rewrites run first (:func:`prepare`): on x86 CPUs with AVX-512 VNNI the int8
+conv2d / matmul ops go to VNNI kernels (:mod:`tvmedge.optimize.int8_x86`; ``TVMEDGE_VNNI=0``
+turns that off), recorded in the artifact's ``rewrites``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,23 @@ META_NAME = "metadata.json"
 FORMAT_VERSION = 1
 
 
+def prepare(model: ImportedModel, device: Device) -> ImportedModel:
+    """``model`` with the rewrites its target calls for (int8 on VNNI kernels for x86 VNNI CPUs)."""
+    from .optimize.int8_x86 import apply
+
+    try:
+        return apply(model, device.target)
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise TvmedgeError(f"int8 VNNI rewrite for {device.name} failed: {first.strip()}") from e
+
+
 def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):
     """Compile the Relax module to a VM executable, applying tuning records if given."""
     import tvm
     from tvm import relax
 
+    model = prepare(model, device)  # a no-op when compile_model already did it
     mod = model.mod
     target = device.target
     try:
@@ -105,6 +121,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         shipped = shipped_databases(device)
         if shipped:
             tuning_db = shipped
+    model = prepare(model, device)  # here too, so that the metadata lists the rewrite
     executable = lower(model, device, tuning_db)
     if isinstance(tuning_db, list):
         tuning_db = ", ".join(str(p) for p in tuning_db) + " (shipped)"

@@ -19,20 +19,34 @@ from __future__ import annotations
 import numpy as np
 
 VNNI_INTRIN = "dot_16x4_vnni"
+VNNI_INTRIN_LOCAL = "dot_16x4_vnni_local"
 _registered = False
 
 
 def register_vnni() -> str:
-    """(Re-)register ``dot_16x4_vnni`` with an LLVM-22-compatible body; returns its name."""
+    """(Re-)register ``dot_16x4_vnni`` with an LLVM-22-compatible body; returns its name.
+
+    Also registers ``dot_16x4_vnni_local`` (:data:`VNNI_INTRIN_LOCAL`): the same with the
+    int32 accumulator in ``local`` scope, for kernels that keep a tile of accumulators in
+    registers (``cache_write(..., "local")``); tensorize compares buffer scopes."""
     global _registered
     if _registered:
         return VNNI_INTRIN
     from tvm.s_tir import TensorIntrin
+
+    for name, scope in ((VNNI_INTRIN, "global"), (VNNI_INTRIN_LOCAL, "local")):
+        desc, impl = _vnni_funcs(scope)
+        TensorIntrin.register(name, desc, impl, override=True)
+    _registered = True
+    return VNNI_INTRIN
+
+
+def _vnni_funcs(c_scope: str):
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+             c: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(c[0:16], a[0:4], b[0:16, 0:4])
             T.writes(c[0:16])
@@ -44,7 +58,7 @@ def register_vnni() -> str:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+             c: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
             T.reads(c[0:16], a[0:4], b[0:16, 0:4])
             T.writes(c[0:16])
@@ -55,9 +69,7 @@ def register_vnni() -> str:
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 c.vload([0], dtype="int32x16"), a64, b.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
-    TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
-    _registered = True
-    return VNNI_INTRIN
+    return desc, impl
 
 
 def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""int8 on x86 AVX-512 VNNI: the VNNI kernels are bit-exact with the generic Relax int8 ops,
+really emit ``vpdpbusd``, leave non-VNNI targets alone and keep digits-cnn's predictions.
+
+Every check compares the rewritten module against the same module compiled without the
+rewrite (TVM's generic int8 conv2d / matmul), on random and edge shapes. Skipped on hosts
+without AVX-512 VNNI (the kernels could not run here).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+
+from tvmedge import zoo
+from tvmedge.build import compile_model, lower, prepare
+from tvmedge.frontend import load_model
+from tvmedge.optimize import data as data_mod
+from tvmedge.optimize.int8_x86 import ENV_SWITCH, apply, has_vnni, rewrite_vnni
+from tvmedge.optimize.quantize import quantize
+from tvmedge.target import resolve
+
+HOST = resolve("host")
+pytestmark = pytest.mark.skipif(not has_vnni(HOST.target), reason="host CPU has no AVX-512 VNNI")
+
+
+def _run(mod, args: list[np.ndarray]) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HOST.target), tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def _check(mod, args: list[np.ndarray], n_rewritten: int) -> None:
+    new, layers = rewrite_vnni(mod, HOST.target)
+    assert len(layers) == n_rewritten, layers
+    text = new.script(show_meta=False)
+    assert "vnni_" in text and "R.nn.conv2d" not in text and "R.matmul" not in text
+    ref, got = _run(mod, args), _run(new, args)
+    assert got.dtype == np.int32 and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+
+
+def _rand(rng, shape, dtype):
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+    a.flat[0] = info.max  # the extremes: 255 x -128 products must not saturate
+    a.flat[-1] = info.min
+    return a
+
+
+def _conv_mod(xshape, w, strides, padding, pad_value=None):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            inp = x
+            if pad_value is not None:  # what quantize.py writes for a non-zero zero point
+                t, left, b, r = padding
+                inp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, t, b, left, r], pad_value=float(pad_value)))
+                padding = (0, 0, 0, 0)
+            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _matmul_mod(xshape, w):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+# (N, C, H, W), O, K, stride, padding (top, left, bottom, right)
+CONVS = [
+    ((1, 1, 8, 8), 32, 3, 1, (1, 1, 1, 1)),      # 1 input channel (digits-cnn's first layer)
+    ((1, 3, 11, 9), 20, 3, 2, (1, 1, 1, 1)),     # 3 channels, stride 2, O not a multiple of 16
+    ((1, 5, 7, 7), 17, 1, 1, (0, 0, 0, 0)),      # 1x1, C not a multiple of 4, O = 17
+    ((2, 16, 6, 10), 32, 3, 1, (0, 1, 2, 1)),    # batch 2, asymmetric padding
+    ((1, 64, 14, 14), 48, 3, 2, (1, 1, 1, 1)),
+    ((1, 8, 9, 9), 16, 5, 1, (2, 2, 2, 2)),
+    ((1, 32, 5, 5), 64, 1, 2, (0, 0, 0, 0)),     # 1x1 stride 2 (ResNet downsample)
+]
+
+
+@pytest.mark.parametrize("xshape,o,k,stride,padding", CONVS)
+def test_conv_bit_exact(xshape, o, k, stride, padding):
+    rng = np.random.default_rng(sum(xshape) + o)
+    w = _rand(rng, (o, xshape[1], k, k), np.int8)
+    x = _rand(rng, xshape, np.uint8)
+    _check(_conv_mod(xshape, w, (stride, stride), padding), [x], 1)
+
+
+def test_conv_zero_point_pad_folded():
+    """A conv fed by ``R.nn.pad(pad_value=zp)``: the pad is folded into the kernel's relayout."""
+    rng = np.random.default_rng(1)
+    w = _rand(rng, (24, 6, 3, 3), np.int8)
+    x = _rand(rng, (1, 6, 9, 7), np.uint8)
+    mod = _conv_mod((1, 6, 9, 7), w, (2, 2), (1, 2, 1, 0), pad_value=97)
+    new, layers = rewrite_vnni(mod, HOST.target)
+    assert layers[0]["pad_folded"] and "R.nn.pad" not in new.script(show_meta=False)
+    _check(mod, [x], 1)
+
+
+@pytest.mark.parametrize("xshape,n", [((1, 9), 10), ((1, 256), 128), ((4, 37), 33), ((3, 64), 16),
+                                      ((2, 3, 20), 17)])
+def test_matmul_bit_exact(xshape, n):
+    rng = np.random.default_rng(xshape[-1] + n)
+    w = _rand(rng, (xshape[-1], n), np.int8)
+    x = _rand(rng, xshape, np.uint8)
+    _check(_matmul_mod(xshape, w), [x], 1)
+
+
+def test_not_rewritten():
+    """Depthwise convs, non-constant weights, int8 (signed) or float inputs stay generic."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 8, 6, 6], "uint8"))
+    s = relax.Var("s", relax.TensorType([2, 8], "int8"))
+    wv = relax.Var("w", relax.TensorType([8, 3], "int8"))
+    f = relax.Var("f", relax.TensorType([1, 8, 6, 6], "float32"))
+    with bb.function("main", [x, s, wv, f]):
+        with bb.dataflow():
+            dw = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ones((8, 1, 3, 3), np.int8)), groups=8,
+                                            out_dtype="int32"))
+            dyn = bb.emit(relax.op.matmul(relax.op.astype(s, "uint8"), wv, out_dtype="int32"))
+            signed = bb.emit(relax.op.matmul(s, relax.const(np.ones((8, 3), np.int8)), out_dtype="int32"))
+            fl = bb.emit(relax.op.nn.conv2d(f, relax.const(np.ones((4, 8, 3, 3), np.float32))))
+            out = bb.emit_output(relax.Tuple([dw, dyn, signed, fl]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert rewrite_vnni(mod, HOST.target) == (mod, [])
+
+
+# ---------------------------------------------------------------- digits-cnn end to end
+@pytest.fixture(scope="module")
+def digits_int8(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vnni")
+    model = load_model(zoo.export("digits-cnn", d / "digits.onnx"))
+    calib = data_mod.load("digits", model, "calib", limit=64)
+    evals = data_mod.load("digits", model, "eval")
+    q, _ = quantize(model, calib, progress=False)
+    return {"dir": d, "q": q, "eval": evals}
+
+
+def _predictions(executable, evals) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return np.array([vm["main"](tvm.runtime.tensor(s["input"])).numpy()[0] for s in evals.samples])
+
+
+def _vpdpbusd(executable) -> dict[str, int]:
+    """``vpdpbusd`` instructions in the generated x86 assembly, by register width."""
+    asm = "\n".join(m.inspect_source("asm") for m in executable.mod.imports if m.kind == "llvm")
+    return {w: len(re.findall(r"vpdpbusd\s+%" + w, asm)) for w in ("xmm", "ymm", "zmm")}
+
+
+def test_digits_vnni_same_predictions_and_asm(digits_int8, monkeypatch):
+    q, evals = digits_int8["q"], digits_int8["eval"]
+    ex_vnni = lower(q, HOST)
+    # 512-bit vpdpbusd from the VNNI kernels; LLVM's own vectorizer, on the generic path, at
+    # most uses a few 128-bit ones in a reduction tail
+    assert _vpdpbusd(ex_vnni)["zmm"] >= 5
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert prepare(q, HOST) is q
+    ex_generic = lower(q, HOST)
+    assert _vpdpbusd(ex_generic)["zmm"] == 0
+    out_v, out_g = _predictions(ex_vnni, evals), _predictions(ex_generic, evals)
+    # int32 accumulators are bit-exact, the float epilogue is the same code: same logits
+    np.testing.assert_array_equal(out_v, out_g)
+    acc = float((out_v.argmax(1) == evals.labels).mean())
+    assert acc > 0.97
+
+
+def test_digits_artifact_metadata_and_pi4(digits_int8):
+    q = digits_int8["q"]
+    meta = compile_model(q, HOST, digits_int8["dir"] / "d.tar")
+    rec = [r for r in meta["rewrites"] if r["rewrite"] == "int8-x86-vnni"]
+    assert rec and rec[0]["conv2d"] == 3 and rec[0]["matmul"] == 2
+    with tarfile.open(digits_int8["dir"] / "d.tar") as tar:
+        stored = json.load(tar.extractfile("metadata.json"))
+    assert stored["rewrites"] == meta["rewrites"]
+    pi4 = resolve("pi4")
+    assert not has_vnni(pi4.target)
+    assert apply(q, pi4.target) is q and prepare(q, pi4) is q
+    assert rewrite_vnni(q.mod, pi4.target) == (q.mod, [])
