@@ -1,0 +1,182 @@
+"""int8 on this host: fp32 vs int8 (generic Relax ops) vs int8 + VNNI kernels, with ONNX Runtime.
+
+Per zoo model: the fp32 model, its int8 quantization (:mod:`tvmedge.optimize.quantize`;
+trained models calibrated on their own calibration split, random-weight ones on random
+inputs), compiled for the host untuned (the default ``tvm.compile`` path) twice - without the
+VNNI rewrite (``TVMEDGE_VNNI=0``) and with it (:mod:`tvmedge.optimize.int8_x86`, what
+``tvmedge compile`` does on this CPU) - and timed with the TVM runtime (``--threads``,
+default 2), next to ONNX Runtime fp32 on the same input. Trained models report their metric
+(digits accuracy, shapes mIoU on held-out data) measured on the compiled libraries; the others
+the output error vs fp32. ``--tune-trials N`` adds fp32 tuned with MetaSchedule (N trials,
+local RPC runner as ``tvmedge tune``) as a fairer fp32 baseline.
+
+The untuned fp32 path is naive loops (no schedule for CPU), so "x fp32 untuned" overstates what
+int8 buys; ONNX Runtime and the tuned fp32 are the honest references.
+
+    .venv/bin/python benchmarks/int8.py [--models digits-cnn,shapes-seg,resnet18,mobilenet_v2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+TRAINED = {"shapes-seg": "shapes", "digits-cnn": "digits"}
+
+
+class _Library:
+    """A compiled artifact loaded here, callable like :class:`~tvmedge.optimize.check.HostRunner`."""
+
+    def __init__(self, artifact: Path, tmp: Path) -> None:
+        import tvm
+        from tvm import relax
+
+        from tvmedge.build import read_artifact
+
+        lib_path, self.meta = read_artifact(artifact, tmp)
+        self.dev = tvm.cpu(0)
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[s["name"]]), self.dev) for s in self.meta["inputs"]]
+        out = self.vm["main"](*args)
+        return [o.numpy() for o in (list(out) if not hasattr(out, "numpy") else [out])]
+
+
+def _tuned_fp32(model: Any, device: Any, tmp: Path, name: str, trials: int) -> Path:
+    from tvmedge.tune.cli import _alive, device_pool
+    from tvmedge.tune.tuner import tune_model
+
+    db = tmp / f"db-{name}"
+    with device_pool(device, None, None, None, log=lambda *a: None) as (tracker, key, free, _):
+        tune_model(model, device, db, trials, tracker, key, n_devices=free, progress=False,
+                   device_alive=_alive(tracker, key))
+    return db
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits-cnn,shapes-seg,resnet18,mobilenet_v2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--calib-size", type=int, default=32)
+    ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--tune-trials", type=int, default=0, help="also fp32 tuned with this many trials (0: skip)")
+    ap.add_argument("--out", default=str(RESULTS / "int8.json"))
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tvmedge import zoo
+    from tvmedge.bench.peers import onnxruntime_latency, summarize
+    from tvmedge.build import compile_model
+    from tvmedge.frontend import load_model
+    from tvmedge.optimize import data as data_mod
+    from tvmedge.optimize.check import errors, outputs_over, score
+    from tvmedge.optimize.data import Dataset
+    from tvmedge.optimize.int8_x86 import ENV_SWITCH, has_vnni
+    from tvmedge.optimize.quantize import quantize
+    from tvmedge.run import random_inputs, run_artifact
+    from tvmedge.target import resolve
+
+    device = resolve("host")
+    res: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "cpu": str(device.target.attrs.get("mcpu")),
+                           "vnni": has_vnni(device.target), "tune_trials": args.tune_trials,
+                           "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="tvmedge-int8-") as tmp:
+        tmp = Path(tmp)
+        for name in args.models.split(","):
+            onnx_path = zoo.export(name, tmp / f"{name}.onnx")
+            model = load_model(onnx_path)
+            specs = [i.to_dict() for i in model.inputs]
+            if name in TRAINED:
+                calib = data_mod.load(TRAINED[name], model, "calib", limit=args.calib_size)
+                evals = data_mod.load(TRAINED[name], model, "eval", limit=args.eval_size)
+            else:
+                calib = Dataset("random", [random_inputs(specs, seed=i) for i in range(min(8, args.calib_size))])
+                evals = None
+            # the timed input (its outputs give the error vs fp32): real data where there is some
+            x = evals.samples[0] if evals is not None else random_inputs(specs, seed=1234)
+            t0 = time.time()
+            qmodel, qrep = quantize(model, calib, progress=False)
+            rows: dict[str, Any] = {"quantize_s": round(time.time() - t0, 1), "int8_layers": len(qrep["layers"])}
+            variants = [("fp32", model, "0", None), ("int8", qmodel, "0", None), ("int8+vnni", qmodel, "1", None)]
+            if args.tune_trials:
+                t0 = time.time()
+                db = _tuned_fp32(model, device, tmp, name, args.tune_trials)
+                rows["tune_s"] = round(time.time() - t0, 1)
+                variants.insert(1, (f"fp32 tuned {args.tune_trials}", model, "0", db))
+            ref = None
+            for kind, m, vnni, db in variants:
+                os.environ[ENV_SWITCH] = vnni
+                t0 = time.time()
+                art = tmp / f"{name}-{kind.replace(' ', '_')}.tar"
+                meta = compile_model(m, device, art, tuning_db=db)
+                row: dict[str, Any] = {"compile_s": round(time.time() - t0, 1),
+                                       "rewrites": [r["rewrite"] for r in meta["rewrites"]]}
+                run = run_artifact(art, x, repeat=args.repeat, threads=args.threads)
+                row["latency_ms"] = run.latency_summary()
+                ref = run.outputs if ref is None else ref
+                row.update(errors(ref, run.outputs))
+                if evals is not None:
+                    lib = _Library(art, tmp / f"lib-{name}-{kind.replace(' ', '_')}")
+                    row["metric"] = evals.metric
+                    row["score"] = score(outputs_over(lib, evals), evals)
+                rows[kind] = row
+                print(f"{name:12s} {kind:16s} {row['latency_ms']['median']:9.2f} ms  score {row.get('score')}",
+                      flush=True)
+            os.environ.pop(ENV_SWITCH, None)
+            rows["onnxruntime fp32"] = {"latency_ms": summarize(onnxruntime_latency(onnx_path, x, args.threads,
+                                                                                    max(args.repeat, 50)))}
+            print(f"{name:12s} {'onnxruntime fp32':16s} {rows['onnxruntime fp32']['latency_ms']['median']:9.2f} ms",
+                  flush=True)
+            res["models"][name] = rows
+
+    table = Table(title=f"int8 on this host ({res['cpu']}, VNNI {res['vnni']}), {args.threads} threads, batch 1, "
+                        "untuned TVM")
+    for col in ("model", "variant", "median ms", "x fp32 untuned", "x ORT fp32", "metric", "drop (pt)",
+                "max rel err", "compile s"):
+        table.add_column(col, justify="right")
+    for name, rows in res["models"].items():
+        base = rows["fp32"]
+        ort_ms = rows["onnxruntime fp32"]["latency_ms"]["median"]
+        for kind, r in rows.items():
+            if not isinstance(r, dict):
+                continue
+            ms = r["latency_ms"]["median"]
+            r["speedup_vs_fp32"] = base["latency_ms"]["median"] / ms
+            r["speedup_vs_onnxruntime"] = ort_ms / ms
+            if "score" in r:
+                r["drop_points"] = 100 * (base["score"] - r["score"])
+            table.add_row(name, kind, f"{ms:.2f}", f"{r['speedup_vs_fp32']:.2f}x", f"{r['speedup_vs_onnxruntime']:.2f}x",
+                          f"{r['score']:.4f}" if "score" in r else "",
+                          f"{r['drop_points']:.2f}" if "drop_points" in r else "",
+                          f"{r['max_rel']:.3g}" if "max_rel" in r else "", f"{r.get('compile_s', '')}")
+    Console(width=160).print(table)
+    for name, rows in res["models"].items():
+        v, g = rows["int8+vnni"], rows["int8"]
+        drop = v.get("drop_points")
+        print(f"{name}: int8+vnni {g['latency_ms']['median'] / v['latency_ms']['median']:.2f}x over generic int8, "
+              f"{v['speedup_vs_fp32']:.2f}x over untuned fp32, {v['speedup_vs_onnxruntime']:.2f}x vs ORT fp32"
+              + (f", drop {drop:.2f} pt" if drop is not None else ""))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=float))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
