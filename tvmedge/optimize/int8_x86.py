@@ -27,9 +27,9 @@ Kernels (one PrimFunc per distinct shape, marked opaque + ``tirx.is_scheduled`` 
   a multiple of 16, weights packed ``[Np/16, Kp/4, 16, 4]``; an ``m_tile x n_blocks*16``
   accumulator tile in registers, parallel over the N-block groups.
 
-Tile sizes are heuristics, not a search: a sweep of x_tile in {2, 4, 7, 8, 14} and o_blocks in
-{1, 2, 4} on ResNet-18 / MobileNetV2 shapes (2 threads, znver4) put every choice with
-x_tile >= 4 within ~5 % of the best (x_tile 2 lost up to 40 % on wide 1x1 convs), so
+Tile sizes are heuristics, not a search: in a sweep of x_tile in {2, 4, 7, 8, 14} and o_blocks
+in {1, 2, 4} on ResNet-18 / MobileNetV2 shapes (2 threads, znver4) the best few choices were
+within ~5 % of each other, while x_tile 2 lost up to 40 % on a wide 1x1 conv, so
 :func:`conv_tiles` takes the largest divisor of OW that is <= 8 (at least 4 when one exists)
 and 2 channel blocks when they divide; the matmul takes up to 4 N-blocks (independent
 accumulator chains for the M = 1 layers) and up to 4 rows.
@@ -72,7 +72,7 @@ def has_vnni(target: Any) -> bool:
     if target is None or target.kind.name != "llvm":
         return False
     triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-    if not triple.split("-")[0] in ("x86_64", "i686", "i386"):
+    if triple.split("-")[0] not in ("x86_64", "i686", "i386"):
         return False
     try:
         return bool(codegen.target_has_features("avx512vnni", target))
@@ -225,39 +225,32 @@ def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int
 
 
 # ----------------------------------------------------------------------------- Relax rewrite
-def _static_shape(expr: Any) -> list[int] | None:
-    from .quantize import _shape
-
-    return _shape(expr)
-
-
 def _conv_plan(call: Any, defs: dict) -> dict[str, Any] | None:
     """What the conv kernel needs, or None when the conv is not one VNNI handles."""
     import tvm
 
-    from .quantize import _dtype
+    from .quantize import _dtype, _op, _shape
 
     a = call.attrs
     data, weight = call.args[0], call.args[1]
+    layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))
     if (_dtype(data) != "uint8" or not isinstance(weight, tvm.ir.expr.Constant) or str(weight.ty.dtype) != "int8"
             or str(a.out_dtype) != "int32" or int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation)
-            or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCHW", "OIHW", "NCHW")):
+            or layouts != ("NCHW", "OIHW", "NCHW")):
         return None
-    shape = _static_shape(data)
+    shape = _shape(data)
     if shape is None or len(shape) != 4:
         return None
     pad = [int(v) for v in a.padding]  # top, left, bottom, right
     pad_value = 0
     if not any(pad):  # fold an explicit zero-point pad (quantize.py writes one for zp != 0)
         src = defs.get(data)
-        from .quantize import _op
-
         if _op(src) == "relax.nn.pad" and str(src.attrs.pad_mode) == "constant":
             pw = [int(v) for v in src.attrs.pad_width]
             pv = float(src.attrs.pad_value)
             if len(pw) == 8 and not any(pw[:4]) and pv == int(pv) and 0 <= pv <= 255 and _dtype(src.args[0]) == "uint8":
                 data, pad, pad_value = src.args[0], [pw[4], pw[6], pw[5], pw[7]], int(pv)
-                shape = _static_shape(data)
+                shape = _shape(data)
                 if shape is None:
                     return None
     return {"data": data, "shape": shape, "weight": weight.value.numpy(), "strides": tuple(int(s) for s in a.strides),
@@ -284,7 +277,7 @@ def rewrite_vnni(mod: Any, target: Any = None, force: bool = False) -> tuple[Any
     ``[]``) unless ``target`` has VNNI (:func:`has_vnni`) or ``force`` is set."""
     from tvm import relax
 
-    from .quantize import _bindings, _dtype, _op
+    from .quantize import _bindings, _dtype, _op, _shape
 
     if not force and not has_vnni(target):
         return mod, []
@@ -331,7 +324,7 @@ def rewrite_vnni(mod: Any, target: Any = None, force: bool = False) -> tuple[Any
                     or str(weight.ty.dtype) != "int8" or len(weight.ty.shape.values) != 2
                     or str(call.attrs.out_dtype) != "int32"):
                 return None
-            shape = _static_shape(data)
+            shape = _shape(data)
             if shape is None or len(shape) < 1:
                 return None
             wq = weight.value.numpy()
