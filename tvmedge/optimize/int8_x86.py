@@ -42,7 +42,10 @@ returns the module unchanged. :func:`tvmedge.build.lower` applies it by default;
 
 Not done: the first layers with 1 or 3 input channels pad C to 4 per tap (up to 4x wasted
 MACs on a layer that is cheap anyway; an im2col over (kh, kw, c) would avoid it); grouped /
-depthwise convs stay on the generic path; AVX-VNNI (256-bit, no AVX-512) is not targeted.
+depthwise convs stay on the generic path; AVX-VNNI (256-bit, no AVX-512) is not targeted;
+``tvmedge tune`` extracts its tasks from the model before this rewrite, so it spends trials on
+the int8 convs that the VNNI kernels then replace (tuning ``apply(model, target)`` instead, as
+``benchmarks/int8.py --tune-trials`` does, gives the budget to the remaining ops).
 """
 
 from __future__ import annotations
