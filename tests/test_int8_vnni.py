@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -143,6 +145,18 @@ def test_not_rewritten():
         bb.emit_func_output(out)
     mod = bb.get()
     assert rewrite_vnni(mod, HOST.target) == (mod, [])
+
+
+def test_register_before_tvm_intrinsics():
+    """Compiling with the VNNI kernels, then tuning in the same process: MetaSchedule imports
+    ``tvm.s_tir.tensor_intrin``, which registers TVM's ``dot_16x4_vnni`` without override (here
+    done by hand: that import takes ~20 s); tvmedge's names must not collide with it."""
+    code = ("from tvmedge.optimize.intrin import VNNI_INTRIN_LOCAL, _vnni_funcs, register_vnni; "
+            "register_vnni(); from tvm.s_tir import TensorIntrin; "
+            "TensorIntrin.register('dot_16x4_vnni', *_vnni_funcs('global')); "
+            "TensorIntrin.get(VNNI_INTRIN_LOCAL); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- digits-cnn end to end

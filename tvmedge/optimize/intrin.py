@@ -4,9 +4,13 @@ TVM ships ``dot_16x4_vnni`` (16 int32 lanes += 4 uint8 x 16x4 int8, i.e. one ``v
 but its implementation passes three ``int32x16`` operands to
 ``llvm.x86.avx512.vpdpbusd.512``; LLVM 22 declares that intrinsic as
 ``(<16 x i32>, <64 x i8>, <64 x i8>)`` and the build fails. :func:`register_vnni`
-re-registers the same description with an implementation that hands over the 4 activation
-bytes broadcast and reinterpreted as ``uint8x64`` and the 16x4 weight tile loaded as
-``int8x64``.
+registers the same description under tvmedge's own names (:data:`VNNI_INTRIN`, and
+:data:`VNNI_INTRIN_LOCAL` with the accumulator in ``local`` scope) with an implementation that
+hands over the 4 activation bytes broadcast and reinterpreted as ``uint8x64`` and the 16x4
+weight tile loaded as ``int8x64``. Own names, not an override of ``dot_16x4_vnni``: TVM
+registers its intrinsics without override when ``tvm.s_tir.tensor_intrin`` is first imported
+(MetaSchedule does that when it tunes), which fails on a name already taken; importing it
+ahead of time instead costs ~20 s.
 
 The weight tile is read as 64 contiguous bytes: a tensorized kernel must use weights packed
 ``[N/16, K/4, 16, 4]`` (conv: ``[O/16, I/4, KH, KW, 16, 4]``). With a plain ``[N, K]``
@@ -18,15 +22,16 @@ from __future__ import annotations
 
 import numpy as np
 
-VNNI_INTRIN = "dot_16x4_vnni"
-VNNI_INTRIN_LOCAL = "dot_16x4_vnni_local"
+VNNI_INTRIN = "tvmedge_dot_16x4_vnni"
+VNNI_INTRIN_LOCAL = "tvmedge_dot_16x4_vnni_local"
 _registered = False
 
 
 def register_vnni() -> str:
-    """(Re-)register ``dot_16x4_vnni`` with an LLVM-22-compatible body; returns its name.
+    """Register ``tvmedge_dot_16x4_vnni`` (TVM's ``dot_16x4_vnni`` with an LLVM-22-compatible
+    body); returns its name.
 
-    Also registers ``dot_16x4_vnni_local`` (:data:`VNNI_INTRIN_LOCAL`): the same with the
+    Also registers ``tvmedge_dot_16x4_vnni_local`` (:data:`VNNI_INTRIN_LOCAL`): the same with the
     int32 accumulator in ``local`` scope, for kernels that keep a tile of accumulators in
     registers (``cache_write(..., "local")``); tensorize compares buffer scopes."""
     global _registered
