@@ -8,7 +8,7 @@ VNNI rewrite (``TVMEDGE_VNNI=0``) and with it (:mod:`tvmedge.optimize.int8_x86`,
 default 2), next to ONNX Runtime fp32 on the same input. Trained models report their metric
 (digits accuracy, shapes mIoU on held-out data) measured on the compiled libraries; the others
 the output error vs fp32. ``--tune-trials N`` adds fp32 tuned with MetaSchedule (N trials,
-local RPC runner as ``tvmedge tune``) as a fairer fp32 baseline.
+local RPC runner as ``tvmedge tune``) as a fairer fp32 baseline (the int8 rows stay untuned).
 
 The untuned fp32 path is naive loops (no schedule for CPU), so "x fp32 untuned" overstates what
 int8 buys; ONNX Runtime and the tuned fp32 are the honest references.
@@ -86,7 +86,7 @@ def main() -> None:
     from tvmedge.optimize import data as data_mod
     from tvmedge.optimize.check import errors, outputs_over, score
     from tvmedge.optimize.data import Dataset
-    from tvmedge.optimize.int8_x86 import ENV_SWITCH, apply, has_vnni
+    from tvmedge.optimize.int8_x86 import ENV_SWITCH, has_vnni
     from tvmedge.optimize.quantize import quantize
     from tvmedge.run import random_inputs, run_artifact
     from tvmedge.target import resolve
@@ -114,15 +114,12 @@ def main() -> None:
             rows: dict[str, Any] = {"quantize_s": round(time.time() - t0, 1), "int8_layers": len(qrep["layers"])}
             variants = [("fp32", model, "0", None), ("int8", qmodel, "0", None), ("int8+vnni", qmodel, "1", None)]
             if args.tune_trials:
-                # fp32, and int8 after the VNNI rewrite (its kernels are scheduled already, so
-                # the budget goes to the rest: quantize, epilogues, pooling, depthwise convs)
-                vnni_model = apply(qmodel, device.target)
-                for kind, m, at in ((f"fp32 tuned {args.tune_trials}", model, 1),
-                                    (f"int8+vnni tuned {args.tune_trials}", vnni_model, len(variants) + 1)):
-                    t0 = time.time()
-                    db = _tune(m, device, tmp / f"db-{name}-{at}", args.tune_trials)
-                    rows[f"tune_s {kind}"] = round(time.time() - t0, 1)
-                    variants.insert(at, (kind, m, "1", db))
+                # (tuning the VNNI-rewritten int8 model fails: MetaSchedule's FLOP estimate has
+                # no rule for the kernels' broadcast; see tvmedge/optimize/int8_x86.py)
+                t0 = time.time()
+                db = _tune(model, device, tmp / f"db-{name}", args.tune_trials)
+                rows["tune_s"] = round(time.time() - t0, 1)
+                variants.insert(1, (f"fp32 tuned {args.tune_trials}", model, "0", db))
             ref = None
             for kind, m, vnni, db in variants:
                 os.environ[ENV_SWITCH] = vnni
@@ -174,11 +171,11 @@ def main() -> None:
     for name, rows in res["models"].items():
         v, g = rows["int8+vnni"], rows["int8"]
         drop = v.get("drop_points")
-        tf, tv = rows.get(f"fp32 tuned {args.tune_trials}"), rows.get(f"int8+vnni tuned {args.tune_trials}")
+        tuned = rows.get(f"fp32 tuned {args.tune_trials}")
         print(f"{name}: int8+vnni {g['latency_ms']['median'] / v['latency_ms']['median']:.2f}x over generic int8, "
               f"{v['speedup_vs_fp32']:.2f}x over untuned fp32, {v['speedup_vs_onnxruntime']:.2f}x vs ORT fp32"
-              + (f"; tuned ({args.tune_trials} trials each) int8+vnni "
-                 f"{tf['latency_ms']['median'] / tv['latency_ms']['median']:.2f}x over fp32" if tf and tv else "")
+              + (f", {tuned['latency_ms']['median'] / v['latency_ms']['median']:.2f}x over fp32 tuned "
+                 f"({args.tune_trials} trials)" if tuned else "")
               + (f", drop {drop:.2f} pt" if drop is not None else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,10 @@ Not done: the first layers with 1 or 3 input channels pad C to 4 per tap (up to 
 MACs on a layer that is cheap anyway; an im2col over (kh, kw, c) would avoid it); grouped /
 depthwise convs stay on the generic path; AVX-VNNI (256-bit, no AVX-512) is not targeted;
 ``tvmedge tune`` extracts its tasks from the model before this rewrite, so it spends trials on
-the int8 convs that the VNNI kernels then replace (tuning ``apply(model, target)`` instead, as
-``benchmarks/int8.py --tune-trials`` does, gives the budget to the remaining ops).
+the int8 convs that the VNNI kernels then replace; tuning the rewritten module instead fails
+(``EstimateTIRFlops``: "Do not have a default for prim.Broadcast", on the kernels, which task
+extraction does not skip although they are marked scheduled); compiling a rewritten int8 model
+with a tuning database is not tested.
 """
 
 from __future__ import annotations
