@@ -213,3 +213,21 @@ def test_digits_artifact_metadata_and_pi4(digits_int8):
     assert not has_vnni(pi4.target)
     assert apply(q, pi4.target) is q and prepare(q, pi4) is q
     assert rewrite_vnni(q.mod, pi4.target) == (q.mod, [])
+
+
+def test_tuning_tasks_skip_vnni_kernels(digits_int8):
+    """`tvmedge tune` tunes the graph `compile` builds: on this host the int8 convs are VNNI
+    kernels (already scheduled, not tasks); for pi4 they stay generic int8 tasks."""
+    from tvmedge.tune.tuner import tuning_tasks
+
+    def int8_tasks(device) -> list[str]:
+        names = []
+        for t in tuning_tasks(digits_int8["q"], device):
+            text = t.dispatched[0].script()
+            if "uint8" in text and "int8" in text.replace("uint8", "") and "int32" in text:
+                names.append(t.task_name)
+        return names
+
+    host = tuning_tasks(digits_int8["q"], HOST)
+    assert host and not int8_tasks(HOST)
+    assert len(int8_tasks(resolve("pi4"))) >= 5  # 3 convs + 2 matmuls with uint8 x int8 -> int32

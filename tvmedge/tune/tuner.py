@@ -65,6 +65,25 @@ def _flops(mod) -> float:
         return 0.0
 
 
+def tuning_tasks(model: ImportedModel, device: Device) -> list:
+    """MetaSchedule's tasks for ``model`` on ``device``: the graph ``compile`` builds (target
+    rewrites included, e.g. int8 on VNNI kernels), less the hand-scheduled kernels."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..build import prepare as prepare_model
+    from .pipeline import prepare
+
+    mod = prepare(prepare_model(model, device).mod, device.target)
+    return [t for t in ms.relax_integration.extract_tasks(mod, device.target) if not _scheduled(t.dispatched[0])]
+
+
+def _scheduled(mod) -> bool:
+    """A hand-scheduled kernel (binary, int8 VNNI): MetaSchedule would still make it a task."""
+    funcs = list(mod.functions.values())
+    return bool(funcs) and all(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+                               for f in funcs)
+
+
 class _Callback:
     """Runs in the tuning loop after each measured batch (after the database commit)."""
 
@@ -175,7 +194,6 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
     from tvm.s_tir import meta_schedule as ms
 
     from .measure import devices_used
-    from .pipeline import prepare
 
     target = device.target
     with TuningDatabase(db_dir, write=True) as db:
@@ -188,8 +206,7 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
                 raise TvmedgeError(f"{db_dir} was last tuning a different model ({last['model']}); "
                                    "resume with that model")
             trials = last["trials"]
-        mod = prepare(model.mod, target)
-        extracted = ms.relax_integration.extract_tasks(mod, target)
+        extracted = tuning_tasks(model, device)
         tasks = [TaskInfo(t.task_name, _task_key(t, target), int(t.weight), _flops(t.dispatched[0]))
                  for t in extracted]
         database = db.open_staging()
