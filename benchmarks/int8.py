@@ -8,7 +8,8 @@ VNNI rewrite (``TVMEDGE_VNNI=0``) and with it (:mod:`tvmedge.optimize.int8_x86`,
 default 2), next to ONNX Runtime fp32 on the same input. Trained models report their metric
 (digits accuracy, shapes mIoU on held-out data) measured on the compiled libraries; the others
 the output error vs fp32. ``--tune-trials N`` adds fp32 tuned with MetaSchedule (N trials,
-local RPC runner as ``tvmedge tune``) as a fairer fp32 baseline (the int8 rows stay untuned).
+local RPC runner as ``tvmedge tune``) and int8+VNNI tuned with the same budget (the tasks
+left around the VNNI kernels), the fair comparison for the int8 >= 2x fp32 goal.
 
 The untuned fp32 path is naive loops (no schedule for CPU), so "x fp32 untuned" overstates what
 int8 buys; ONNX Runtime and the tuned fp32 are the honest references.
@@ -114,12 +115,17 @@ def main() -> None:
             rows: dict[str, Any] = {"quantize_s": round(time.time() - t0, 1), "int8_layers": len(qrep["layers"])}
             variants = [("fp32", model, "0", None), ("int8", qmodel, "0", None), ("int8+vnni", qmodel, "1", None)]
             if args.tune_trials:
-                # (tuning the VNNI-rewritten int8 model fails: MetaSchedule's FLOP estimate has
-                # no rule for the kernels' broadcast; see tvmedge/optimize/int8_x86.py)
+                # same budget for both; int8+vnni tunes what is left around the VNNI kernels
+                # (quantize, epilogues, pooling, depthwise convs)
                 t0 = time.time()
                 db = _tune(model, device, tmp / f"db-{name}", args.tune_trials)
                 rows["tune_s"] = round(time.time() - t0, 1)
+                os.environ[ENV_SWITCH] = "1"
+                t0 = time.time()
+                qdb = _tune(qmodel, device, tmp / f"db-{name}-int8", args.tune_trials)
+                rows["tune_int8_s"] = round(time.time() - t0, 1)
                 variants.insert(1, (f"fp32 tuned {args.tune_trials}", model, "0", db))
+                variants.append((f"int8+vnni tuned {args.tune_trials}", qmodel, "1", qdb))
             ref = None
             for kind, m, vnni, db in variants:
                 os.environ[ENV_SWITCH] = vnni
@@ -172,10 +178,12 @@ def main() -> None:
         v, g = rows["int8+vnni"], rows["int8"]
         drop = v.get("drop_points")
         tuned = rows.get(f"fp32 tuned {args.tune_trials}")
+        qtuned = rows.get(f"int8+vnni tuned {args.tune_trials}")
         print(f"{name}: int8+vnni {g['latency_ms']['median'] / v['latency_ms']['median']:.2f}x over generic int8, "
               f"{v['speedup_vs_fp32']:.2f}x over untuned fp32, {v['speedup_vs_onnxruntime']:.2f}x vs ORT fp32"
-              + (f", {tuned['latency_ms']['median'] / v['latency_ms']['median']:.2f}x over fp32 tuned "
-                 f"({args.tune_trials} trials)" if tuned else "")
+              + (f"; tuned, {args.tune_trials} trials each: int8+vnni {tuned['latency_ms']['median'] / qtuned['latency_ms']['median']:.2f}x "
+                 f"fp32 (goal >= 2x: {'met' if tuned['latency_ms']['median'] >= 2 * qtuned['latency_ms']['median'] else 'NOT met'})"
+                 if tuned and qtuned else "")
               + (f", drop {drop:.2f} pt" if drop is not None else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

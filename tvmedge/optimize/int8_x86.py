@@ -42,12 +42,10 @@ returns the module unchanged. :func:`tvmedge.build.lower` applies it by default;
 
 Not done: the first layers with 1 or 3 input channels pad C to 4 per tap (up to 4x wasted
 MACs on a layer that is cheap anyway; an im2col over (kh, kw, c) would avoid it); grouped /
-depthwise convs stay on the generic path; AVX-VNNI (256-bit, no AVX-512) is not targeted;
-``tvmedge tune`` extracts its tasks from the model before this rewrite, so it spends trials on
-the int8 convs that the VNNI kernels then replace; tuning the rewritten module instead fails
-(``EstimateTIRFlops``: "Do not have a default for prim.Broadcast", on the kernels, which task
-extraction does not skip although they are marked scheduled); compiling a rewritten int8 model
-with a tuning database is not tested.
+depthwise convs stay on the generic path; AVX-VNNI (256-bit, no AVX-512) is not targeted.
+``tvmedge tune`` tunes the rewritten graph, with the kernels left out of its tasks
+(:func:`tvmedge.tune.tuner.tuning_tasks`; MetaSchedule would otherwise make them tasks and
+fail on their FLOP estimate).
 """
 
 from __future__ import annotations
