@@ -242,6 +242,17 @@ def _conv_attrs(call: Any) -> dict[str, Any]:
             "layouts": (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))}
 
 
+def _conv_matmul_bindings(binds: list[Any]):
+    """``(binding, "conv2d" | "matmul", name)`` for each conv2d / matmul, named ``conv2d_0``, ..."""
+    counts = {"conv2d": 0, "matmul": 0}
+    for b in binds:
+        op = _op(b.value)
+        if op in (CONV, MATMUL):
+            kind = "conv2d" if op == CONV else "matmul"
+            yield b, kind, f"{kind}_{counts[kind]}"
+            counts[kind] += 1
+
+
 def find_layers(model: ImportedModel) -> list[Layer]:
     """Every conv2d / matmul of ``main`` with its weight, bias and (if any) why it is skipped."""
     func = model.mod["main"]
@@ -249,14 +260,7 @@ def find_layers(model: ImportedModel) -> list[Layer]:
     defs = {b.var: b.value for b in binds}
     uses = _uses(func)
     layers: list[Layer] = []
-    counts = {"conv2d": 0, "matmul": 0}
-    for b in binds:
-        op = _op(b.value)
-        if op not in (CONV, MATMUL):
-            continue
-        kind = "conv2d" if op == CONV else "matmul"
-        name = f"{kind}_{counts[kind]}"
-        counts[kind] += 1
+    for b, kind, name in _conv_matmul_bindings(binds):
         call = b.value
         data, wexpr = call.args[0], call.args[1]
         out_shape = _shape(b.var) or []
@@ -423,14 +427,7 @@ def fold_qdq(model: ImportedModel) -> tuple[ImportedModel, dict[str, Any]]:
     uses = _uses(func)
     layers: list[Layer] = []
     skipped: list[dict[str, str]] = []
-    counts = {"conv2d": 0, "matmul": 0}
-    for b in binds:
-        op = _op(b.value)
-        if op not in (CONV, MATMUL):
-            continue
-        kind = "conv2d" if op == CONV else "matmul"
-        name = f"{kind}_{counts[kind]}"
-        counts[kind] += 1
+    for b, kind, name in _conv_matmul_bindings(binds):
         call = b.value
         dq = defs.get(call.args[0]) if _op(defs.get(call.args[0])) == "relax.dequantize" else None
         qw = _qweight_eval(call.args[1], defs)
