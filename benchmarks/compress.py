@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 TRAINED = {"shapes-seg": "shapes", "digits-cnn": "digits"}

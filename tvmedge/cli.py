@@ -10,8 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
-from typing import Any
 
 from .errors import TvmedgeError
 

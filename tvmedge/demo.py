@@ -84,7 +84,7 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
                       f"in {time.perf_counter() - t0:.0f} s")
         console.print(f"[bold]5/7[/] tune {name} on the board over RPC ({trials} trials, MetaSchedule + XGBoost)")
         report = tune_model(model, device, db, trials, tr.addr, "pi4", emulated=True, progress=True)
-        console.print(f"[bold]6/7[/] compile the deployable pi4 library with that database; untuned for comparison")
+        console.print("[bold]6/7[/] compile the deployable pi4 library with that database; untuned for comparison")
         tuned_tar, untuned_tar = work / f"{name}-pi4.tar", work / f"{name}-pi4-untuned.tar"
         meta = compile_model(model, device, tuned_tar, tuning_db=db)
         compile_model(model, device, untuned_tar)

@@ -7,8 +7,6 @@ import json
 import socket
 import time
 
-from ..errors import TvmedgeError
-
 
 def _wait_forever(what: str) -> None:
     try:

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,8 +56,7 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
 
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + an EMULATED {device.name} (qemu); "
                 "its timings are not the real device's")
-            emu = stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
-            del emu
+            stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
             yield (tr.host, tr.port), key, 1, True
         else:
             raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "

@@ -13,7 +13,6 @@ On top of MetaSchedule, tvmedge adds:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -190,9 +189,6 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
     ``retune`` spends the budget on tasks the database already finished too (warm-started
     from their records) instead of reusing them as they are.
     """
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
     from .measure import devices_used
 
     target = device.target
