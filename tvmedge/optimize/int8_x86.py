@@ -169,20 +169,27 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
     ro, ri = sch.split(r, [None, 4])
     sch.reorder(ni, obo, y, xo, i, j, ro, xi, obi, oi, ri)
     sch.parallel(sch.fuse(ni, obo, y))
-    tile = sch.cache_write(blk, 0, "local")  # xt x obt x 16 accumulators in registers
-    sch.reverse_compute_at(tile, xo)
-    init = sch.decompose_reduction(blk, i)
-    sch.tensorize(oi, VNNI_INTRIN_LOCAL)
-    sch.unroll(xi)
-    sch.unroll(obi)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(tile)[-1])
+    _register_tile(sch, blk, xo, i, oi, (xi, obi))  # xt x obt x 16 accumulators in registers
 
     loops = sch.get_loops(sch.get_sblock("nhwc"))
     sch.parallel(sch.fuse(loops[0], loops[1]))
     loops = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(loops[0], loops[1]))
     return _finish(sch)
+
+
+def _register_tile(sch, blk, at, reduce_from, lanes, unrolled) -> None:
+    """Accumulate ``blk`` in a register tile written back under loop ``at``; initialise it
+    above ``reduce_from``; ``lanes`` (16 output lanes x 4 bytes) becomes one ``vpdpbusd``;
+    the ``unrolled`` loops spread the tile over independent accumulators."""
+    tile = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(tile, at)
+    init = sch.decompose_reduction(blk, reduce_from)
+    sch.tensorize(lanes, VNNI_INTRIN_LOCAL)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(tile)[-1])
 
 
 def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int | None = None):
@@ -216,14 +223,7 @@ def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int
     sch.reorder(jbo, io, ro, ii, jbi, ji, ri)
     outer = sch.fuse(jbo, io)
     sch.parallel(outer)
-    tile = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(tile, outer)
-    init = sch.decompose_reduction(blk, ro)
-    sch.tensorize(ji, VNNI_INTRIN_LOCAL)
-    sch.unroll(ii)
-    sch.unroll(jbi)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.vectorize(sch.get_loops(tile)[-1])
+    _register_tile(sch, blk, outer, ro, ji, (ii, jbi))
     return _finish(sch)
 
 
