@@ -31,7 +31,8 @@ def add_optimize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lowrank", type=float, metavar="ENERGY",
                    help="low-rank factorization keeping this fraction of spectral energy per layer (e.g. 0.95)")
     g.add_argument("--lowrank-flops", type=float, metavar="RATIO",
-                   help="low-rank factorization to this fraction of each layer's FLOPs (e.g. 0.5)")
+                   help="low-rank factorization to this fraction of the weight layers' FLOPs (e.g. 0.5): one "
+                        "kept-energy level for all layers, so each layer's rank follows its spectrum")
     g.add_argument("--compact", action="store_true",
                    help="compact-filter rewrites of KxK convs (needs --calib)")
     g.add_argument("--compact-max-error", type=float, default=0.05, metavar="E",
@@ -76,7 +77,7 @@ def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: boo
     if args.lowrank or args.lowrank_flops:
         from .lowrank import factorize
 
-        model, rep = factorize(model, energy=args.lowrank, flops_ratio=args.lowrank_flops)
+        model, rep = factorize(model, energy=args.lowrank, flops_ratio=args.lowrank_flops, calib=calib)
         reports.append(rep)
     if args.compact:
         from .compact import compact

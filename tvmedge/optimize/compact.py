@@ -9,8 +9,8 @@ Two structures replace a dense K×K convolution (groups 1, NCHW/OIHW, float32):
 
 The second layer of each structure is then fitted by least squares to the original
 layer's outputs on the calibration data: the layer's input activations are captured by
-running the model on the calibration samples (the Relax graph interpreted in PyTorch, see
-:mod:`tvmedge.optimize.finetune`; it matches the compiled model to ~1e-5), the first layer
+running the model on the calibration samples (the Relax graph interpreted in PyTorch,
+:func:`tvmedge.optimize.finetune.capture_inputs`; it matches the compiled model to ~1e-5), the first layer
 is applied to them, and the second layer solves min ||Z·W2 − Y||. For each layer the
 cheapest candidate whose relative output error is within ``max_error`` and whose FLOPs are
 lower than the original's is kept; the others are listed in ``skipped``.
@@ -27,53 +27,9 @@ import torch.nn.functional as F
 
 from ..frontend import ImportedModel
 from .data import Dataset
-from .lowrank import CONV, conv_attrs, conv_flops, conv_unsupported, constant_value, emit_conv, graph_flops, \
-    rewrite_main, shape_of
+from .lowrank import CONV, MAX_ROWS, MAX_SAMPLES, conv_attrs, conv_flops, conv_unsupported, constant_value, \
+    emit_conv, fit_linear, graph_flops, rewrite_main, response_error, shape_of, torch_conv
 
-MAX_SAMPLES = 16  # calibration runs whose activations are captured
-MAX_ROWS = 20000  # pixels used per least-squares fit
-
-
-def _capture_conv_inputs(model: ImportedModel, calib: Dataset) -> list[np.ndarray]:
-    """Input activations of every conv2d call of ``main`` (in binding order) on ``calib``."""
-    from .finetune import OPS, RelaxModule
-
-    captured: list[list[torch.Tensor]] = []
-    conv = OPS[CONV]
-
-    def recording(args: list[Any], a: Any) -> torch.Tensor:
-        captured.append(args[0].detach())
-        return conv(args, a)
-
-    net = RelaxModule(model.mod, trainable=False)
-    name = model.inputs[0].name
-    x = torch.from_numpy(np.concatenate([s[name] for s in calib.samples[:MAX_SAMPLES]]).astype(np.float32))
-    OPS[CONV] = recording
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        OPS[CONV] = conv
-    return [t.numpy() for t in captured]
-
-
-def _conv(x: torch.Tensor, w: np.ndarray, stride: tuple[int, int], pad: tuple[int, int, int, int],
-          dilation: tuple[int, int], groups: int = 1) -> torch.Tensor:
-    top, left, bottom, right = pad
-    x = F.pad(x, (left, right, top, bottom))
-    return F.conv2d(x, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), None, stride, 0, dilation, groups)
-
-
-def _fit_1x1(z: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
-    """Least-squares 1×1 conv weight [Cout, Cz] mapping z [N,Cz,H,W] to y [N,Cout,H,W]."""
-    zm = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double().numpy()
-    ym = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double().numpy()
-    if len(zm) > MAX_ROWS:
-        idx = rng.choice(len(zm), MAX_ROWS, replace=False)
-        zm, ym = zm[idx], ym[idx]
-    reg = 1e-6 * np.trace(zm.T @ zm) / zm.shape[1]
-    w = np.linalg.solve(zm.T @ zm + reg * np.eye(zm.shape[1]), zm.T @ ym)  # [Cz, Cout]
-    return w.T.astype(np.float32)
 
 
 def _fit_row_conv(z: torch.Tensor, y: torch.Tensor, kw: int, stride_w: int, pad_lr: tuple[int, int],
@@ -91,10 +47,6 @@ def _fit_row_conv(z: torch.Tensor, y: torch.Tensor, kw: int, stride_w: int, pad_
     return w.T.reshape(y.shape[1], z.shape[1], 1, kw).astype(np.float32)
 
 
-def _rel(y: torch.Tensor, yh: torch.Tensor) -> float:
-    return float((yh - y).norm() / y.norm().clamp_min(1e-12))
-
-
 def _candidates(w: np.ndarray, x: np.ndarray, attrs: dict[str, Any], out_hw: tuple[int, int],
                 max_error: float, rng: np.random.Generator) -> tuple[list[dict[str, Any]], int]:
     """All fitted candidates for one layer (cheapest first) and the layer's FLOPs."""
@@ -104,7 +56,7 @@ def _candidates(w: np.ndarray, x: np.ndarray, attrs: dict[str, Any], out_hw: tup
     top, left, bottom, right = attrs["padding"]
     ho, wo = out_hw
     xt = torch.from_numpy(x)
-    y = _conv(xt, w, (sh, sw), (top, left, bottom, right), (dh, dw_))
+    y = torch_conv(xt, w, (sh, sw), (top, left, bottom, right), (dh, dw_))
     before = conv_flops(i, o, kh, kw, ho * wo)
     win = x.shape[3]
     out: list[dict[str, Any]] = []
@@ -117,10 +69,10 @@ def _candidates(w: np.ndarray, x: np.ndarray, attrs: dict[str, Any], out_hw: tup
         if flops >= before:
             continue
         w1 = (u[:, :m] * np.sqrt(s[:m])).reshape(i, kh, m).transpose(2, 0, 1)[:, :, :, None]  # [m,i,kh,1]
-        z = _conv(xt, w1, (sh, 1), (top, 0, bottom, 0), (dh, 1))
+        z = torch_conv(xt, w1, (sh, 1), (top, 0, bottom, 0), (dh, 1))
         w2 = _fit_row_conv(z, y, kw, sw, (left, right), dw_, rng)
-        yh = _conv(z, w2, (1, sw), (0, left, 0, right), (1, dw_))
-        out.append({"structure": f"separable {kh}x1·1x{kw}", "width": m, "flops": flops, "error": _rel(y, yh),
+        yh = torch_conv(z, w2, (1, sw), (0, left, 0, right), (1, dw_))
+        out.append({"structure": f"separable {kh}x1·1x{kw}", "width": m, "flops": flops, "error": response_error(y, yh),
                     "layers": [(w1.astype(np.float32), (sh, 1), (top, 0, bottom, 0), (dh, 1), 1),
                                (w2, (1, sw), (0, left, 0, right), (1, dw_), 1)]})
     # depthwise (multiplier d) + pointwise
@@ -132,11 +84,11 @@ def _candidates(w: np.ndarray, x: np.ndarray, attrs: dict[str, Any], out_hw: tup
         for c in range(i):
             uu, ss, vv = np.linalg.svd(w[:, c].reshape(o, kh * kw).astype(np.float64), full_matrices=False)
             dw[c * d:(c + 1) * d, 0] = (vv[:d] * np.sqrt(ss[:d, None])).reshape(d, kh, kw)
-        z = _conv(xt, dw, (sh, sw), (top, left, bottom, right), (dh, dw_), groups=i)
-        pw = _fit_1x1(z, y, rng)
+        z = torch_conv(xt, dw, (sh, sw), (top, left, bottom, right), (dh, dw_), groups=i)
+        pw = fit_linear(z, y, rng)
         yh = F.conv2d(z, torch.from_numpy(pw[:, :, None, None]))
         out.append({"structure": f"depthwise {kh}x{kw} (x{d}) + pointwise", "width": i * d, "flops": flops,
-                    "error": _rel(y, yh),
+                    "error": response_error(y, yh),
                     "layers": [(dw, (sh, sw), (top, left, bottom, right), (dh, dw_), i),
                                (pw[:, :, None, None], (1, 1), (0, 0, 0, 0), (1, 1), 1)]})
     out.sort(key=lambda c: c["flops"])
@@ -157,7 +109,9 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
     if len(model.inputs) != 1:
         raise TvmedgeError("compact: only single-input models are supported")
     t0 = time.time()
-    inputs = _capture_conv_inputs(model, calib)
+    from .finetune import capture_inputs
+
+    inputs = capture_inputs(model, calib, (CONV,), MAX_SAMPLES)[CONV]
     report: dict[str, Any] = {"rewrite": "compact", "max_error": max_error, "layers": [], "skipped": []}
     rng = np.random.default_rng(0)
 

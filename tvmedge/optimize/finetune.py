@@ -238,6 +238,31 @@ class RelaxModule(nn.Module):
         return wb.builder_.get()
 
 
+def capture_inputs(model: ImportedModel, data: Dataset, ops: tuple[str, ...],
+                   max_samples: int = 16) -> dict[str, list[np.ndarray]]:
+    """First argument of every call to each op in ``ops`` in ``main`` (binding order), with
+    ``model`` run on the first ``max_samples`` samples of ``data`` as one batch."""
+    captured: dict[str, list[np.ndarray]] = {op: [] for op in ops}
+    saved = {op: OPS[op] for op in ops}
+
+    def recorder(op: str) -> Callable[..., torch.Tensor]:
+        def run(args: list[Any], *rest: Any) -> torch.Tensor:
+            captured[op].append(args[0].detach().numpy())
+            return saved[op](args, *rest)
+        return run
+
+    net = RelaxModule(model.mod, trainable=False)
+    name = model.inputs[0].name
+    x = torch.from_numpy(np.concatenate([s[name] for s in data.samples[:max_samples]]).astype(np.float32))
+    OPS.update({op: recorder(op) for op in ops})
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        OPS.update(saved)
+    return captured
+
+
 def _is_prim(e: Any) -> bool:
     return type(e).__name__ == "PrimValue"
 
@@ -258,9 +283,18 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Dataset | None,
-             progress: bool = True, batch: int = 32, lr: float = 1e-3, seed: int = 0) -> tuple[ImportedModel, dict[str, Any]]:
+             progress: bool = True, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+             temperature: float | None = None) -> tuple[ImportedModel, dict[str, Any]]:
     """Train the constants of ``model`` for ``steps`` steps to match ``original``'s outputs
-    on ``data`` (calibration inputs, plus perturbed copies); returns (new model, report)."""
+    on ``data`` (calibration inputs, plus perturbed copies); returns (new model, report).
+
+    The loss is the MSE of each output relative to the teacher's output power; where the
+    first output holds class scores (``data.metric`` is accuracy or mIoU: classes on axis
+    1), the KL divergence between the teacher's and the student's softened class
+    distributions (``temperature``, default 2) is added to it: the classic distillation
+    loss, which weighs the decisions rather than the logits' scale. The model is scored on
+    a fixed probe batch ten times during training and the best weights are kept, so the
+    result is never worse on it than the model it starts from."""
     if data is None or not len(data):
         raise TvmedgeError("finetune needs calibration data (--calib) to distil on")
     if len(model.inputs) != 1:
@@ -279,16 +313,29 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     batch = min(batch, len(x_all))
 
+    classes = data.metric in ("accuracy", "miou")
+    temp = temperature or 2.0
+
     def distill_loss(xb: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             ref = teacher(xb)
         out = student(xb)
         # per output, MSE relative to the teacher's output power: scale-free across models
-        return sum(F.mse_loss(o, r) / r.pow(2).mean().clamp_min(1e-8) for o, r in zip(out, ref)) / len(ref)
+        loss = sum(F.mse_loss(o, r) / r.pow(2).mean().clamp_min(1e-8) for o, r in zip(out, ref)) / len(ref)
+        if classes and out[0].dim() >= 2 and out[0].shape[1] > 1:
+            kl = F.kl_div(F.log_softmax(out[0] / temp, dim=1), F.log_softmax(ref[0] / temp, dim=1),
+                          log_target=True, reduction="none").sum(1).mean()
+            loss = loss + temp * temp * kl
+        return loss
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
 
     with torch.no_grad():
         probe = x_all[: min(len(x_all), 64)]
         before = float(distill_loss(probe))
+    best, best_step, best_weights = before, 0, snapshot()
+    every = max(1, steps // 10)
     losses = []
     for step in range(steps):
         idx = torch.randint(0, len(x_all), (batch,), generator=gen)
@@ -301,13 +348,21 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
         opt.step()
         sched.step()
         losses.append(loss.item())
-        if progress and (step + 1) % max(1, steps // 10) == 0:
-            print(f"finetune: step {step + 1}/{steps} distillation loss {np.mean(losses[-10:]):.4g}", flush=True)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                now = float(distill_loss(probe))
+            if now < best:
+                best, best_step, best_weights = now, step + 1, snapshot()
+            if progress:
+                print(f"finetune: step {step + 1}/{steps} distillation loss {np.mean(losses[-10:]):.4g} "
+                      f"(probe {now:.4g})", flush=True)
     with torch.no_grad():
-        after = float(distill_loss(probe))
+        for p, w in zip(params, best_weights):
+            p.copy_(w)
     new_mod = student.write_back(model.mod)
     report = {"rewrite": "finetune", "steps": steps, "batch": batch, "lr": lr,
+              "loss": f"relative MSE + KL (T={temp:g})" if classes else "relative MSE",
               "trainable_params": int(sum(p.numel() for p in params)),
-              "distill_rel_mse_before": before, "distill_rel_mse_after": after,
+              "distill_loss_before": before, "distill_loss_after": best, "kept_step": best_step,
               "seconds": round(time.time() - t0, 1), "layers": [], "skipped": []}
     return replace(model, mod=new_mod, rewrites=list(model.rewrites)), report

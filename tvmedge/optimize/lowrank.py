@@ -18,20 +18,25 @@ with :mod:`tvmedge.optimize.compact`.
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..errors import TvmedgeError
 from ..frontend import ImportedModel
+from .data import Dataset
 
 CONV = "relax.nn.conv2d"
 MATMUL = "relax.matmul"
 HOOI_SWEEPS = 3
 # A rewrite that saves less than this share of a layer's FLOPs is not worth an extra layer.
 MIN_SAVING = 0.1
+MAX_SAMPLES = 16  # calibration samples whose activations are captured for response fits
+MAX_ROWS = 20000  # pixels (rows) used per least-squares fit
 
 
 # ---------------------------------------------------------------- shared graph helpers
@@ -201,11 +206,124 @@ def tucker2_flops(cin: int, cout: int, kh: int, kw: int, in_hw: int, out_hw: int
     return f
 
 
+# ---------------------------------------------------------------- fitting on responses
+def torch_conv(x: torch.Tensor, w: np.ndarray, stride: Any = (1, 1), pad: Any = (0, 0, 0, 0),
+               dilation: Any = (1, 1), groups: int = 1) -> torch.Tensor:
+    """conv2d of NCHW ``x`` with OIHW ``w``; ``pad`` is Relax's (top, left, bottom, right)."""
+    top, left, bottom, right = pad
+    x = F.pad(x, (left, right, top, bottom))
+    return F.conv2d(x, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), None, tuple(stride), 0,
+                    tuple(dilation), groups)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] (channels) or [..., C] (features) as [pixels, C]."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.dim() == 4 else t.reshape(-1, t.shape[-1])
+
+
+def fit_linear(z: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """Least-squares map W [Cout, Cz] with y ≈ W·z per pixel (1×1 conv) or per row (matmul)."""
+    zm, ym = _rows(z).double().numpy(), _rows(y).double().numpy()
+    if len(zm) > MAX_ROWS:
+        idx = rng.choice(len(zm), MAX_ROWS, replace=False)
+        zm, ym = zm[idx], ym[idx]
+    reg = 1e-6 * np.trace(zm.T @ zm) / zm.shape[1]
+    w = np.linalg.solve(zm.T @ zm + reg * np.eye(zm.shape[1]), zm.T @ ym)  # [Cz, Cout]
+    return w.T.astype(np.float32)
+
+
+def response_pca(y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Principal directions of a layer's output channels (second moment, not centred: the
+    layer has no bias to absorb a mean): (root eigenvalues, descending; vectors [C, C])."""
+    ym = _rows(y).double()
+    lam, vec = torch.linalg.eigh(ym.T @ ym)
+    lam, vec = lam.flip(0).clamp_min(0).numpy(), vec.flip(1).numpy()
+    return np.sqrt(lam), vec
+
+
+def response_error(y: torch.Tensor, yh: torch.Tensor) -> float:
+    """Relative error of approximate layer outputs ``yh`` against the true ones ``y``."""
+    return float((yh - y).norm() / y.norm().clamp_min(1e-12))
+
+
 # ---------------------------------------------------------------- the rewrite
-def _make_mutator(energy: float | None, flops_ratio: float | None, report: dict[str, Any]):
+class _Layer:
+    """One weight layer found by the survey pass: what it is and the spectra its ranks come from."""
+
+    def __init__(self, name: str, kind: str, w: np.ndarray, before: int, attrs: dict[str, Any] | None = None,
+                 in_hw: int = 0, out_hw: int = 0, rows: int = 0, x: np.ndarray | None = None) -> None:
+        self.name, self.kind, self.w, self.before, self.attrs = name, kind, w, before, attrs
+        self.in_hw, self.out_hw, self.rows, self.x = in_hw, out_hw, rows, x
+        self.y: torch.Tensor | None = None  # the layer's output on the calibration inputs
+        self.pca: np.ndarray | None = None  # principal output directions (data-aware fit)
+        w64 = w.astype(np.float64)
+        if x is not None:
+            self.y = self.forward(torch.from_numpy(x))
+            _, self.pca = response_pca(self.y)
+        if kind == "matmul":
+            self.s_out = np.linalg.svd(w64, compute_uv=False)
+        elif kind == "1x1":
+            self.s_out = np.linalg.svd(w64[:, :, 0, 0], compute_uv=False)
+        else:
+            self.s_out = np.linalg.svd(_unfold(w64, 0), compute_uv=False)
+        self.s_in = np.linalg.svd(_unfold(w64, 1), compute_uv=False) if kind == "kxk" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "matmul":
+            return x @ torch.from_numpy(self.w)
+        a = self.attrs
+        return torch_conv(x, self.w, a["strides"], a["padding"], a["dilation"])
+
+    def ranks(self, energy: float) -> tuple[int, int]:
+        """(output rank, input rank) keeping ``energy``; the input rank is 0 for SVD layers."""
+        r_out = energy_rank(self.s_out, energy)
+        return r_out, energy_rank(self.s_in, energy) if self.s_in is not None else 0
+
+    def flops(self, r_out: int, r_in: int) -> int:
+        o, i = self.w.shape[0], self.w.shape[1]
+        if self.kind == "matmul":
+            k, n = self.w.shape
+            return 2 * self.rows * r_out * (k + n)
+        if self.kind == "1x1":
+            return conv_flops(i, r_out, 1, 1, self.out_hw) + conv_flops(r_out, o, 1, 1, self.out_hw)
+        return tucker2_flops(i, o, self.w.shape[2], self.w.shape[3], self.in_hw, self.out_hw, r_out, r_in)
+
+    def worth_it(self, r_out: int, r_in: int) -> bool:
+        return r_out >= 1 and (self.kind != "kxk" or r_in >= 1) and \
+            self.flops(r_out, r_in) <= (1 - MIN_SAVING) * self.before
+
+    def flops_at(self, energy: float) -> int:
+        r = self.ranks(energy)
+        return self.flops(*r) if self.worth_it(*r) else self.before
+
+
+def _budget_energy(layers: list[_Layer], ratio: float) -> float:
+    """The largest energy kept in every layer for which the layers' FLOPs fit ``ratio`` of theirs."""
+    budget = ratio * sum(lay.before for lay in layers)
+    lo, hi = 0.0, 1.0
+    if sum(lay.flops_at(hi) for lay in layers) <= budget:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if sum(lay.flops_at(mid) for lay in layers) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _make_mutator(layers: dict[str, _Layer], plan: dict[str, tuple[int, int]] | None,
+                  inputs: dict[str, list[np.ndarray]] | None, report: dict[str, Any]):
+    """Without a ``plan``: record each supported layer in ``layers`` and change nothing.
+    With one: rewrite the layers it names (layer -> ranks)."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    rng = np.random.default_rng(0)
+
+    def const(a: np.ndarray) -> Any:
+        return relax.const(tvm.runtime.tensor(np.ascontiguousarray(a, dtype=np.float32)))
 
     @mutator
     class LowRank(PyExprMutator):
@@ -213,134 +331,126 @@ def _make_mutator(energy: float | None, flops_ratio: float | None, report: dict[
             super().__init__(mod)
             self.counts: dict[str, int] = {}
 
-        def _name(self, kind: str) -> str:
-            self.counts[kind] = self.counts.get(kind, 0) + 1
-            return f"{kind}_{self.counts[kind]}"
-
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if not isinstance(call, relax.Call) or not hasattr(call.op, "name"):
+            if not isinstance(call, relax.Call) or not hasattr(call.op, "name") or call.op.name not in (CONV, MATMUL):
                 return call
-            if call.op.name == CONV:
-                return self._conv(call, self._name("conv2d"))
+            op = call.op.name
+            self.counts[op] = self.counts.get(op, 0) + 1
+            n = self.counts[op]
+            name = f"{'conv2d' if op == CONV else 'matmul'}_{n}"
+            x = inputs[op][n - 1] if inputs else None
+            if plan is None:
+                layer = self._survey(call, name, x)
+                if layer is not None:
+                    layers[name] = layer
+                return call
+            if name not in plan:
+                return call
+            return self._rewrite(call, layers[name], *plan[name])
+
+        def _survey(self, call: Any, name: str, x: np.ndarray | None) -> _Layer | None:
+            w = constant_value(self, call.args[1])
             if call.op.name == MATMUL:
-                return self._matmul(call, self._name("matmul"))
-            return call
-
-        def _skip(self, layer: str, reason: str) -> None:
-            report["skipped"].append({"layer": layer, "reason": reason})
-
-        def _matmul(self, call: Any, layer: str) -> Any:
-            w = constant_value(self, call.args[1])
-            if w is None:
-                return call  # activation × activation (attention and the like): not a weight layer
-            if w.ndim != 2 or w.dtype != np.float32:
-                self._skip(layer, f"weight of shape {list(w.shape)} / {w.dtype} (only 2-D float32)")
-                return call
-            out = shape_of(call)
-            rows = int(np.prod(out[:-1])) if out else 1
-            k, n = w.shape
-            before = 2 * rows * k * n
-            if flops_ratio is not None:
-                rank = int(flops_ratio * k * n / (k + n))
-            else:
-                rank = energy_rank(np.linalg.svd(w.astype(np.float64), compute_uv=False), energy)
-            after = 2 * rows * rank * (k + n)
-            if rank < 1 or after > (1 - MIN_SAVING) * before:
-                self._skip(layer, f"rank {max(rank, 1)} of {k}x{n} would not lower FLOPs by {MIN_SAVING:.0%} "
-                                  f"({after} vs {before})")
-                return call
-            a, b = truncated_svd(w, rank)
-            ca = relax.const(tvm.runtime.tensor(a))
-            cb = relax.const(tvm.runtime.tensor(b))
-            mid = self.builder_.emit(relax.op.matmul(call.args[0], ca), name_hint="lr")
-            report["layers"].append({"layer": layer, "op": "matmul", "weight": f"{k}x{n}", "structure": "svd",
-                                     "rank": rank, "flops_before": before, "flops_after": after,
-                                     "weight_rel_error": rel_error(w, a @ b)})
-            return relax.op.matmul(mid, cb)
-
-        def _conv(self, call: Any, layer: str) -> Any:
+                if w is None:
+                    return None  # activation × activation (attention and the like): not a weight layer
+                if w.ndim != 2 or w.dtype != np.float32:
+                    report["skipped"].append({"layer": name, "reason": f"weight of shape {list(w.shape)} / {w.dtype} "
+                                                                      "(only 2-D float32)"})
+                    return None
+                out = shape_of(call)
+                rows = int(np.prod(out[:-1])) if out else 1
+                return _Layer(name, "matmul", w, 2 * rows * w.shape[0] * w.shape[1], rows=rows, x=x)
             attrs = conv_attrs(call)
-            w = constant_value(self, call.args[1])
             why = conv_unsupported(attrs, w)
             if why:
-                self._skip(layer, why)
-                return call
+                report["skipped"].append({"layer": name, "reason": why})
+                return None
             o, i, kh, kw = w.shape
             out, inp = shape_of(call), shape_of(call.args[0])
-            out_hw, in_hw = out[2] * out[3], inp[2] * inp[3]
-            before = conv_flops(i, o, kh, kw, out_hw)
-            x = call.args[0]
-            if kh == kw == 1:
-                w2 = w[:, :, 0, 0]
-                if flops_ratio is not None:
-                    # first conv runs at the output resolution too (it carries the stride)
-                    rank = int(flops_ratio * o * i / (o + i))
+            return _Layer(name, "1x1" if kh == kw == 1 else "kxk", w, conv_flops(i, o, kh, kw, out[2] * out[3]),
+                          attrs, inp[2] * inp[3], out[2] * out[3], x=x)
+
+        def _rewrite(self, call: Any, lay: _Layer, r_out: int, r_in: int) -> Any:
+            w, x = lay.w, call.args[0]
+            row: dict[str, Any] = {"layer": lay.name, "flops_before": lay.before, "flops_after": lay.flops(r_out, r_in)}
+            xt = torch.from_numpy(lay.x) if lay.x is not None else None
+            if lay.kind in ("matmul", "1x1"):
+                w2 = w if lay.kind == "matmul" else w[:, :, 0, 0].T  # as [in, out]
+                if lay.pca is not None:
+                    p = lay.pca[:, :r_out]  # principal output directions [out, r]
+                    a = (w2.astype(np.float64) @ p).astype(np.float32)  # [in, r]
+                    first = xt @ torch.from_numpy(a) if lay.kind == "matmul" else \
+                        torch_conv(xt, a.T[:, :, None, None], **_geometry(lay.attrs))
+                    b = fit_linear(first, lay.y, rng).T  # [r, out], refitted to the layer's outputs
                 else:
-                    rank = energy_rank(np.linalg.svd(w2.astype(np.float64), compute_uv=False), energy)
-                after = conv_flops(i, rank, 1, 1, out_hw) + conv_flops(rank, o, 1, 1, out_hw)
-                if rank < 1 or after > (1 - MIN_SAVING) * before:
-                    self._skip(layer, f"rank {max(rank, 1)} of {o}x{i} 1x1 conv would not lower FLOPs by "
-                                      f"{MIN_SAVING:.0%} ({after} vs {before})")
-                    return call
-                a, b = truncated_svd(w2, rank)  # a [O, r], b [r, I]
-                mid = emit_conv(self.builder_, x, b[:, :, None, None], attrs["strides"], attrs["padding"],
-                                attrs["dilation"])
-                report["layers"].append({"layer": layer, "op": "conv2d 1x1", "weight": f"{o}x{i}x1x1",
-                                         "structure": "svd", "rank": rank, "flops_before": before,
-                                         "flops_after": after, "weight_rel_error": rel_error(w2, a @ b)})
-                return relax.op.nn.conv2d(mid, relax.const(tvm.runtime.tensor(
-                    np.ascontiguousarray(a[:, :, None, None]))))
-            if flops_ratio is not None:
-                r_out, r_in = self._budget_ranks(o, i, kh, kw, in_hw, out_hw, flops_ratio * before)
-            else:
-                r_out = energy_rank(np.linalg.svd(_unfold(w.astype(np.float64), 0), compute_uv=False), energy)
-                r_in = energy_rank(np.linalg.svd(_unfold(w.astype(np.float64), 1), compute_uv=False), energy)
-            after = tucker2_flops(i, o, kh, kw, in_hw, out_hw, r_out, r_in)
-            if r_out < 1 or r_in < 1 or after > (1 - MIN_SAVING) * before:
-                self._skip(layer, f"Tucker ranks {r_in}->{r_out} of {i}->{o} {kh}x{kw} conv would not lower "
-                                  f"FLOPs by {MIN_SAVING:.0%} ({after} vs {before})")
-                return call
+                    a, b = truncated_svd(w2, r_out)
+                recon = a @ b
+                row.update(op="matmul" if lay.kind == "matmul" else "conv2d 1x1", structure="svd", rank=r_out,
+                           weight=("x".join(map(str, w.shape))), weight_rel_error=rel_error(w2, recon))
+                if xt is not None:
+                    approx = first @ torch.from_numpy(b) if lay.kind == "matmul" else \
+                        torch_conv(first, b.T[:, :, None, None])
+                    row["output_rel_error"] = response_error(lay.y, approx)
+                report["layers"].append(row)
+                if lay.kind == "matmul":
+                    mid = self.builder_.emit(relax.op.matmul(x, const(a)), name_hint="lr")
+                    return relax.op.matmul(mid, const(b))
+                geo = _geometry(lay.attrs)
+                mid = emit_conv(self.builder_, x, a.T[:, :, None, None], geo["stride"], geo["pad"], geo["dilation"])
+                return relax.op.nn.conv2d(mid, const(b.T[:, :, None, None]))
+            # K×K: 1×1 (input mode) → K×K core → 1×1 (output mode)
+            o, i, kh, kw = w.shape
             u_out, core, u_in = tucker2(w, r_out, r_in)
+            if lay.pca is not None and r_out < o:
+                u_out = lay.pca[:, :r_out].astype(np.float32)
+                core = np.einsum("oikl,or,is->rskl", w.astype(np.float64), u_out, u_in).astype(np.float32)
             recon = np.einsum("rskl,or,is->oikl", core, u_out, u_in)
+            geo = _geometry(lay.attrs)
             if r_in < i:
-                x = emit_conv(self.builder_, x, u_in.T[:, :, None, None].copy(), name="lr")
+                x = emit_conv(self.builder_, x, u_in.T[:, :, None, None], name="lr")
             else:
                 core = np.einsum("rskl,is->rikl", core, u_in)  # full input rank: fold U_in into the core
+                u_in = None
+            if xt is not None:
+                z = torch_conv(xt, u_in.T[:, :, None, None]) if u_in is not None else xt
             if r_out < o:
-                x = emit_conv(self.builder_, x, core, attrs["strides"], attrs["padding"], attrs["dilation"], name="lr")
-                result = relax.op.nn.conv2d(x, relax.const(tvm.runtime.tensor(u_out[:, :, None, None].copy())))
+                x = emit_conv(self.builder_, x, core, geo["stride"], geo["pad"], geo["dilation"], name="lr")
+                last = u_out
+                if xt is not None:
+                    z = torch_conv(z, core, **geo)
+                    if lay.pca is not None:
+                        last = fit_linear(z, lay.y, rng)  # [O, r_out], refitted to the layer's outputs
+                    row["output_rel_error"] = response_error(lay.y, torch_conv(z, last[:, :, None, None]))
+                result = relax.op.nn.conv2d(x, const(last[:, :, None, None]))
             else:
                 core = np.einsum("rskl,or->oskl", core, u_out)  # full output rank: fold U_out in
-                result = relax.op.nn.conv2d(x, relax.const(tvm.runtime.tensor(np.ascontiguousarray(core))),
-                                            strides=attrs["strides"], padding=attrs["padding"],
-                                            dilation=attrs["dilation"])
-            report["layers"].append({"layer": layer, "op": f"conv2d {kh}x{kw}", "weight": f"{o}x{i}x{kh}x{kw}",
-                                     "structure": "tucker2", "rank": f"{r_in}->{r_out}", "flops_before": before,
-                                     "flops_after": after, "weight_rel_error": rel_error(w, recon)})
+                if xt is not None:
+                    row["output_rel_error"] = response_error(lay.y, torch_conv(z, core, **geo))
+                result = relax.op.nn.conv2d(x, const(core), strides=geo["stride"], padding=geo["pad"],
+                                            dilation=geo["dilation"])
+            row.update(op=f"conv2d {kh}x{kw}", weight=f"{o}x{i}x{kh}x{kw}", structure="tucker2",
+                       rank=f"{r_in}->{r_out}", weight_rel_error=rel_error(w, recon))
+            report["layers"].append(row)
             return result
-
-        @staticmethod
-        def _budget_ranks(o: int, i: int, kh: int, kw: int, in_hw: int, out_hw: int, budget: float) -> tuple[int, int]:
-            """Largest ranks proportional to the channel counts that fit the FLOP budget."""
-            best = (0, 0)
-            for step in range(100, 0, -1):
-                a = step / 100
-                r_out, r_in = max(1, math.ceil(a * o)), max(1, math.ceil(a * i))
-                if tucker2_flops(i, o, kh, kw, in_hw, out_hw, r_out, r_in) <= budget:
-                    best = (r_out, r_in)
-                    break
-            return best
 
     return LowRank
 
 
-def factorize(model: ImportedModel, energy: float | None = None,
-              flops_ratio: float | None = None) -> tuple[ImportedModel, dict[str, Any]]:
+def _geometry(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {"stride": attrs["strides"], "pad": attrs["padding"], "dilation": attrs["dilation"]}
+
+
+def factorize(model: ImportedModel, energy: float | None = None, flops_ratio: float | None = None,
+              calib: Dataset | None = None) -> tuple[ImportedModel, dict[str, Any]]:
     """Factorize the dense/matmul/conv layers of ``model``; returns (new model, report).
 
     Give ``energy`` (fraction of squared singular values kept per layer, e.g. 0.95) or
-    ``flops_ratio`` (each layer's FLOPs after / before, e.g. 0.5); neither means 0.95 energy.
+    ``flops_ratio`` (FLOPs of the weight layers after / before, e.g. 0.5: one energy level
+    for all layers, the highest that fits, so each layer's rank follows its own spectrum);
+    neither means 0.95 energy. With ``calib`` the output ranks come from the spectrum of
+    each layer's responses to the calibration data and the last factor is refitted to them
+    (least squares); without it, from the weights alone.
     """
     if energy is not None and flops_ratio is not None:
         raise TvmedgeError("factorize: give energy or flops_ratio, not both")
@@ -350,10 +460,32 @@ def factorize(model: ImportedModel, energy: float | None = None,
         raise TvmedgeError(f"factorize: energy must be in (0, 1], got {energy}")
     if flops_ratio is not None and not 0 < flops_ratio < 1:
         raise TvmedgeError(f"factorize: flops_ratio must be in (0, 1), got {flops_ratio}")
+    t0 = time.time()
     report: dict[str, Any] = {"rewrite": "lowrank", "energy": energy, "flops_ratio": flops_ratio,
-                              "layers": [], "skipped": []}
-    cls = _make_mutator(energy, flops_ratio, report)
-    new = rewrite_main(model, cls)
+                              "fit": "responses" if calib is not None else "weights", "layers": [], "skipped": []}
+    inputs = None
+    if calib is not None:
+        from .finetune import capture_inputs
+
+        if not len(calib):
+            raise TvmedgeError("factorize: the calibration set is empty")
+        inputs = capture_inputs(model, calib, (CONV, MATMUL), MAX_SAMPLES)
+    survey: dict[str, _Layer] = {}
+    rewrite_main(model, _make_mutator(survey, None, inputs, report))
+    if flops_ratio is not None:
+        energy = _budget_energy(list(survey.values()), flops_ratio)
+        report["energy"] = round(energy, 6)
+    plan: dict[str, tuple[int, int]] = {}
+    for name, lay in survey.items():
+        r = lay.ranks(energy)
+        if lay.worth_it(*r):
+            plan[name] = r
+        else:
+            what = f"rank {r[0]}" if lay.kind != "kxk" else f"Tucker ranks {r[1]}->{r[0]}"
+            report["skipped"].append({"layer": name, "reason": f"{what} of {'x'.join(map(str, lay.w.shape))} would "
+                                      f"not lower FLOPs by {MIN_SAVING:.0%} ({lay.flops(*r)} vs {lay.before})"})
+    new = rewrite_main(model, _make_mutator(survey, plan, inputs, report))
     report["model_flops_before"] = graph_flops(model.mod)
     report["model_flops_after"] = graph_flops(new.mod)
+    report["seconds"] = round(time.time() - t0, 1)
     return new, report
