@@ -94,6 +94,7 @@ CONVS = [
     ((1, 64, 14, 14), 48, 3, 2, (1, 1, 1, 1)),
     ((1, 8, 9, 9), 16, 5, 1, (2, 2, 2, 2)),
     ((1, 32, 5, 5), 64, 1, 2, (0, 0, 0, 0)),     # 1x1 stride 2 (ResNet downsample)
+    ((1, 32, 16, 16), 64, 3, 1, (1, 1, 1, 1)),   # big enough to run in parallel
 ]
 
 
@@ -117,12 +118,25 @@ def test_conv_zero_point_pad_folded():
 
 
 @pytest.mark.parametrize("xshape,n", [((1, 9), 10), ((1, 256), 128), ((4, 37), 33), ((3, 64), 16),
-                                      ((2, 3, 20), 17)])
+                                      ((2, 3, 20), 17), ((32, 256), 512)])
 def test_matmul_bit_exact(xshape, n):
     rng = np.random.default_rng(xshape[-1] + n)
     w = _rand(rng, (xshape[-1], n), np.int8)
     x = _rand(rng, xshape, np.uint8)
     _check(_matmul_mod(xshape, w), [x], 1)
+
+
+def test_small_kernels_run_serially():
+    """Waking the thread pool costs more than a small layer's work: only big kernels are parallel."""
+    from tvmedge.optimize.int8_x86 import conv2d_func, matmul_func, worth_parallel
+
+    def parallel(f) -> bool:
+        return "T.parallel" in f.script()
+
+    assert not worth_parallel(64 * 8 * 8 * 9 * 32) and worth_parallel(512 * 7 * 7 * 9 * 512)
+    assert not parallel(conv2d_func(1, 32, 8, 8, 64, 3, 3, (1, 1), (1, 1, 1, 1)))  # digits-cnn's 2nd conv
+    assert parallel(conv2d_func(1, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1, 1, 1)))  # resnet18's
+    assert not parallel(matmul_func(1, 256, 128)) and parallel(matmul_func(64, 512, 512))
 
 
 def test_not_rewritten():

@@ -20,7 +20,8 @@ Kernels (one PrimFunc per distinct shape, marked opaque + ``tirx.is_scheduled`` 
   ``[Op/16, KH, KW, Cp/4, 16, 4]`` (zero rows/columns for the padding), into an o-blocked
   int32 ``[N, Op/16, OH, OW, 16]``; a tile of ``x_tile`` output columns x ``o_blocks`` x 16
   channels is kept in registers (``cache_write`` local, unrolled), the outer
-  ``(n, o-block group, output row)`` loop runs in parallel. (3) write-back to int32 NCHW
+  ``(n, o-block group, output row)`` loop runs in parallel (for layers of at least
+  ``PARALLEL_MIN_MACS``: smaller ones run serially, see :func:`worth_parallel`). (3) write-back to int32 NCHW
   ``[N, O, OH, OW]``, dropping the padded channels.
 * **matmul** ``[M, K] x [K, N]`` (leading batch dims of the activation are flattened by a
   reshape): K padded to a multiple of 4 (zero bytes, in a small copy block when needed), N to
@@ -57,6 +58,9 @@ from typing import Any
 import numpy as np
 
 from .intrin import VNNI_INTRIN_LOCAL, register_vnni
+
+# ~10-20 µs of vpdpbusd work on one core: below it a kernel runs serially.
+PARALLEL_MIN_MACS = 1 << 21
 
 CONV_FUNC = "vnni_conv2d"
 MATMUL_FUNC = "vnni_matmul"
@@ -168,14 +172,23 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
     xo, xi = sch.split(xx, [None, xt])
     ro, ri = sch.split(r, [None, 4])
     sch.reorder(ni, obo, y, xo, i, j, ro, xi, obi, oi, ri)
-    sch.parallel(sch.fuse(ni, obo, y))
+    par = worth_parallel(n * op * oh * ow * kh * kw * cp)
+    outer = sch.fuse(ni, obo, y)
+    if par:
+        sch.parallel(outer)
     _register_tile(sch, blk, xo, i, oi, (xi, obi))  # xt x obt x 16 accumulators in registers
-
-    loops = sch.get_loops(sch.get_sblock("nhwc"))
-    sch.parallel(sch.fuse(loops[0], loops[1]))
-    loops = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(loops[0], loops[1]))
+    if par:  # the relayout and the write-back are as big as the conv: parallel with it
+        for name in ("nhwc", "out"):
+            loops = sch.get_loops(sch.get_sblock(name))
+            sch.parallel(sch.fuse(loops[0], loops[1]))
     return _finish(sch)
+
+
+def worth_parallel(macs: int) -> bool:
+    """Whether a kernel of ``macs`` multiply-adds should run on the thread pool: waking the
+    pool costs a few µs per parallel loop, more than a small layer takes on one core
+    (digits-cnn, 2 threads: 0.075 ms with every kernel parallel, 0.043 ms with none)."""
+    return macs >= PARALLEL_MIN_MACS
 
 
 def _register_tile(sch, blk, at, reduce_from, lanes, unrolled) -> None:
@@ -222,7 +235,8 @@ def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int
     ro, ri = sch.split(rr, [None, 4])
     sch.reorder(jbo, io, ro, ii, jbi, ji, ri)
     outer = sch.fuse(jbo, io)
-    sch.parallel(outer)
+    if worth_parallel(m * kp * np_):
+        sch.parallel(outer)
     _register_tile(sch, blk, outer, ro, ji, (ii, jbi))
     return _finish(sch)
 
