@@ -121,7 +121,11 @@ def print_report(report: dict[str, Any], out=None) -> None:
     console = Console(file=stream, width=None if stream.isatty() else 160)
     for rep in report["rewrites"]:
         layers = rep.get("layers", [])
-        if layers:
+        if rep["rewrite"] == "finetune":  # trains the rewritten layers' weights, rewrites none
+            console.print(f"finetune: {rep['steps']} steps ({rep['loss']}, {rep['trainable_params']} weights), "
+                          f"distillation loss {rep['distill_loss_before']:.4g} -> {rep['distill_loss_after']:.4g} "
+                          f"(kept step {rep['kept_step']}), {rep['seconds']} s")
+        elif layers:
             table = Table(title=f"{rep['rewrite']}: {len(layers)} layer(s) rewritten")
             cols = [k for k in layers[0] if not isinstance(layers[0][k], (list, dict))]
             for c in cols:
