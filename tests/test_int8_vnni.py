@@ -21,7 +21,7 @@ from tvmedge import zoo
 from tvmedge.build import compile_model, lower, prepare
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
-from tvmedge.optimize.int8_x86 import ENV_SWITCH, apply, has_vnni, rewrite_vnni
+from tvmedge.optimize.int8_dot import ENV_SWITCH, apply, has_vnni, rewrite_dot
 from tvmedge.optimize.quantize import quantize
 from tvmedge.target import resolve
 
@@ -38,7 +38,7 @@ def _run(mod, args: list[np.ndarray]) -> np.ndarray:
 
 
 def _check(mod, args: list[np.ndarray], n_rewritten: int) -> None:
-    new, layers = rewrite_vnni(mod, HOST.target)
+    new, layers = rewrite_dot(mod, HOST.target)
     assert len(layers) == n_rewritten, layers
     text = new.script(show_meta=False)
     assert "vnni_" in text and "R.nn.conv2d" not in text and "R.matmul" not in text
@@ -112,7 +112,7 @@ def test_conv_zero_point_pad_folded():
     w = _rand(rng, (24, 6, 3, 3), np.int8)
     x = _rand(rng, (1, 6, 9, 7), np.uint8)
     mod = _conv_mod((1, 6, 9, 7), w, (2, 2), (1, 2, 1, 0), pad_value=97)
-    new, layers = rewrite_vnni(mod, HOST.target)
+    new, layers = rewrite_dot(mod, HOST.target)
     assert layers[0]["pad_folded"] and "R.nn.pad" not in new.script(show_meta=False)
     _check(mod, [x], 1)
 
@@ -128,7 +128,7 @@ def test_matmul_bit_exact(xshape, n):
 
 def test_small_kernels_run_serially():
     """Waking the thread pool costs more than a small layer's work: only big kernels are parallel."""
-    from tvmedge.optimize.int8_x86 import conv2d_func, matmul_func, worth_parallel
+    from tvmedge.optimize.int8_dot import conv2d_func, matmul_func, worth_parallel
 
     def parallel(f) -> bool:
         return "T.parallel" in f.script()
@@ -158,7 +158,7 @@ def test_not_rewritten():
             out = bb.emit_output(relax.Tuple([dw, dyn, signed, fl]))
         bb.emit_func_output(out)
     mod = bb.get()
-    assert rewrite_vnni(mod, HOST.target) == (mod, [])
+    assert rewrite_dot(mod, HOST.target) == (mod, [])
 
 
 def test_register_before_tvm_intrinsics():
@@ -226,7 +226,7 @@ def test_digits_artifact_metadata_and_pi4(digits_int8):
     pi4 = resolve("pi4")
     assert not has_vnni(pi4.target)
     assert apply(q, pi4.target) is q and prepare(q, pi4) is q
-    assert rewrite_vnni(q.mod, pi4.target) == (q.mod, [])
+    assert rewrite_dot(q.mod, pi4.target) == (q.mod, [])
 
 
 def test_tuning_tasks_skip_vnni_kernels(digits_int8):

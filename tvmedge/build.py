@@ -6,9 +6,10 @@ constants) and ``metadata.json`` (inputs, outputs, target, TVM version, model ha
 rewrites and tuning database applied). The device needs only the plain TVM runtime:
 ``tvm.runtime.load_module`` + ``relax.VirtualMachine``.
 
-Target-specific rewrites run first (:func:`prepare`): on x86 CPUs with AVX-512 VNNI the int8
-conv2d / matmul ops go to VNNI kernels (:mod:`tvmedge.optimize.int8_x86`; ``TVMEDGE_VNNI=0``
-turns that off), recorded in the artifact's ``rewrites``.
+Target-specific rewrites run first (:func:`prepare`): on CPUs with an int8 dot-product
+instruction (x86 AVX-512 VNNI, AArch64 ``dotprod``) the int8 conv2d / matmul ops go to
+hand-scheduled kernels (:mod:`tvmedge.optimize.int8_dot`; ``TVMEDGE_INT8_DOT=0`` turns that
+off), recorded in the artifact's ``rewrites``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ FORMAT_VERSION = 1
 
 
 def prepare(model: ImportedModel, device: Device) -> ImportedModel:
-    """``model`` with the rewrites its target calls for (int8 on VNNI kernels for x86 VNNI CPUs)."""
-    from .optimize.int8_x86 import apply
+    """``model`` with the rewrites its target calls for (int8 on dot-product kernels where the CPU has them)."""
+    from .optimize.int8_dot import apply
 
     try:
         return apply(model, device.target)
     except Exception as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise TvmedgeError(f"int8 VNNI rewrite for {device.name} failed: {first.strip()}") from e
+        raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first.strip()}") from e
 
 
 def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):

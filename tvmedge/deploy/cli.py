@@ -7,6 +7,8 @@ import json
 import socket
 import time
 
+from .emulate import KINDS
+
 
 def _wait_forever(what: str) -> None:
     try:
@@ -99,7 +101,7 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_list)
 
     p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
-    p.add_argument("kind", choices=["pi4", "pi3"])
+    p.add_argument("kind", choices=sorted(KINDS))
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
     p.set_defaults(func=cmd_emulate)

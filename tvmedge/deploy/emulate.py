@@ -14,6 +14,8 @@ Choices:
 * ``pi3``: the same arm64 user space (64-bit Raspberry Pi OS) on qemu's ``cortex-a53``;
   target description ``pi3`` (``llvm``, ``aarch64-linux-gnu``, ``-mcpu=cortex-a53``,
   ``+neon``). The 32-bit ``arm/rasp3b`` tag would need an armhf user space: not provided.
+* ``pi5``: the same user space on qemu's ``cortex-a76`` (Armv8.2-A with the int8 ``sdot``
+  dot product, which int8 models compiled for ``pi5`` use); target description ``pi5``.
 * The CPU model only limits the instruction set (a library using an extension the board
   lacks faults, as it would on the board); it does not model the board's speed. Emulated
   timings are 10-30x slower than native and not a Pi's: every info dict says
@@ -60,6 +62,7 @@ class BoardKind:
 KINDS: dict[str, BoardKind] = {
     "pi4": BoardKind("pi4", "aarch64", "cortex-a72", "pi4", "Raspberry Pi 4 Model B (Cortex-A72), 64-bit OS"),
     "pi3": BoardKind("pi3", "aarch64", "cortex-a53", "pi3", "Raspberry Pi 3 Model B (Cortex-A53), 64-bit OS"),
+    "pi5": BoardKind("pi5", "aarch64", "cortex-a76", "pi5", "Raspberry Pi 5 (Cortex-A76, int8 dot product), 64-bit OS"),
 }
 
 START_TIMEOUT_S = 180.0  # import tvm twice under qemu (server + its popen worker) on a busy host
@@ -314,7 +317,7 @@ def _public(host: str) -> str:
     return host
 
 
-if __name__ == "__main__":  # python -m tvmedge.deploy.emulate [pi4|pi3] [HOST:PORT]
+if __name__ == "__main__":  # python -m tvmedge.deploy.emulate [pi4|pi3|pi5] [HOST:PORT]
     _kind = sys.argv[1] if len(sys.argv) > 1 else "pi4"
     _tracker = rpc.parse_host_port(sys.argv[2]) if len(sys.argv) > 2 else None
     try:

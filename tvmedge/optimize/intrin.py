@@ -1,4 +1,5 @@
-"""x86 VNNI tensor intrinsic that compiles with the LLVM bundled in apache-tvm 0.27.
+"""int8 dot-product tensor intrinsics: x86 VNNI (compiling with the LLVM bundled in
+apache-tvm 0.27) and AArch64 ``sdot``, with the accumulator in ``local`` scope.
 
 TVM ships ``dot_16x4_vnni`` (16 int32 lanes += 4 uint8 x 16x4 int8, i.e. one ``vpdpbusd``),
 but its implementation passes three ``int32x16`` operands to
@@ -16,6 +17,12 @@ The weight tile is read as 64 contiguous bytes: a tensorized kernel must use wei
 ``[N/16, K/4, 16, 4]`` (conv: ``[O/16, I/4, KH, KW, 16, 4]``). With a plain ``[N, K]``
 layout the tensorize step still succeeds but computes garbage - nothing checks it, so
 every use is compared against a reference (:func:`vnni_dense_probe`).
+
+AArch64 (Armv8.2 dot product, e.g. Cortex-A76 / Raspberry Pi 5): TVM's
+``dot_4x4_i8i8s32_sdot`` (4 int32 lanes += 4 int8 x 4x4 int8, one ``sdot``) compiles as it is
+but reads its accumulator from ``global`` scope only; :func:`register_sdot` registers
+:data:`SDOT_INTRIN_LOCAL`, the same instruction for a ``local`` accumulator tile. Its weight
+tile is 16 contiguous bytes (``[N/4, K/4, 4, 4]`` packing).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import numpy as np
 
 VNNI_INTRIN = "tvmedge_dot_16x4_vnni"
 VNNI_INTRIN_LOCAL = "tvmedge_dot_16x4_vnni_local"
+SDOT_INTRIN_LOCAL = "tvmedge_dot_4x4_sdot_local"
 _registered = False
+_sdot_registered = False
 
 
 def register_vnni() -> str:
@@ -77,10 +86,54 @@ def _vnni_funcs(c_scope: str):
     return desc, impl
 
 
-def pack_dense_weight(w_kn: np.ndarray) -> np.ndarray:
-    """int8 ``[K, N]`` -> ``[N/16, K/4, 16, 4]`` (N % 16 == 0, K % 4 == 0) for the VNNI tile."""
+def register_sdot() -> str:
+    """Register :data:`SDOT_INTRIN_LOCAL` (``c[0:4] += a[0:4] . b[0:4, 0:4]`` on int8, int32
+    accumulator in ``local`` scope, one AArch64 ``sdot``); returns its name."""
+    global _sdot_registered
+    if not _sdot_registered:
+        from tvm.s_tir import TensorIntrin
+
+        TensorIntrin.register(SDOT_INTRIN_LOCAL, *_sdot_funcs(), override=True)
+        _sdot_registered = True
+    return SDOT_INTRIN_LOCAL
+
+
+def _sdot_funcs():
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
+             c: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
+            T.writes(c[0:4])
+            for lane in T.serial(0, 4):
+                for r in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vl, vr = T.axis.remap("SR", [lane, r])
+                        c[vl] = c[vl] + T.cast(a[vr], "int32") * T.cast(b[vl, vr], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
+             c: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
+            T.writes(c[0:4])
+            # the 4 activation bytes as one int32, repeated in all 4 lanes, seen as 16 bytes
+            a4 = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
+            a16 = T.reinterpret(T.broadcast(a4, 4), dtype="int8x16")
+            c[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                c.vload([0], dtype="int32x4"), a16, b.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+
+    return desc, impl
+
+
+def pack_dense_weight(w_kn: np.ndarray, lanes: int = 16) -> np.ndarray:
+    """int8 ``[K, N]`` -> ``[N/lanes, K/4, lanes, 4]`` (N % lanes == 0, K % 4 == 0): the tile of
+    the VNNI (16 lanes) or ``sdot`` (4 lanes) intrinsic."""
     k, n = w_kn.shape
-    return np.ascontiguousarray(w_kn.T.reshape(n // 16, 16, k // 4, 4).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(w_kn.T.reshape(n // lanes, lanes, k // 4, 4).transpose(0, 2, 1, 3))
 
 
 def vnni_dense(m: int, k: int, n: int, threads_axis: bool = True):

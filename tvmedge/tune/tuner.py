@@ -66,7 +66,7 @@ def _flops(mod) -> float:
 
 def tuning_tasks(model: ImportedModel, device: Device) -> list:
     """MetaSchedule's tasks for ``model`` on ``device``: the graph ``compile`` builds (target
-    rewrites included, e.g. int8 on VNNI kernels), less the hand-scheduled kernels."""
+    rewrites included, e.g. int8 on dot-product kernels), less the hand-scheduled kernels."""
     from tvm.s_tir import meta_schedule as ms
 
     from ..build import prepare as prepare_model
@@ -77,7 +77,7 @@ def tuning_tasks(model: ImportedModel, device: Device) -> list:
 
 
 def _scheduled(mod) -> bool:
-    """A hand-scheduled kernel (binary, int8 VNNI): MetaSchedule would still make it a task."""
+    """A hand-scheduled kernel (binary, int8 dot product): MetaSchedule would still make it a task."""
     funcs = list(mod.functions.values())
     return bool(funcs) and all(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
                                for f in funcs)
