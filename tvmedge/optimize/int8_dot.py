@@ -99,10 +99,6 @@ class DotIsa:
     n_blocks: tuple[int, ...]  # matmul: column blocks per register tile
     parallel_min_macs: int  # below it a kernel runs serially
 
-    @property
-    def act_dtype(self) -> str:
-        return "int8" if self.shift else "uint8"
-
 
 # ~10-20 µs of vpdpbusd work on one core: below it a kernel runs serially (measured, znver4).
 VNNI = DotIsa("vnni", "int8-x86-vnni", 16, False, VNNI_INTRIN_LOCAL, register_vnni,
