@@ -204,10 +204,10 @@ def test_verbose_shows_traceback(tmp_path):
 
 
 def test_device_descriptions_resolve():
-    for name in ["host", "pi4", "pi3", "jetson-nano", "jetson-xavier", "riscv-u74"]:
+    for name in ["host", "pi4", "pi3", "pi5", "jetson-nano", "jetson-xavier", "riscv-u74"]:
         dev = resolve(name)
         assert dev.name == name and dev.report.get("source")
-    assert resolve("pi4").target.attrs["mcpu"] == "cortex-a72"
+    assert resolve("pi4").target.attrs["mcpu"] == "cortex-a72" and resolve("pi5").target.attrs["mcpu"] == "cortex-a76"
     assert resolve("jetson-nano").target.kind.name == "cuda"
     assert resolve("raspberry-pi/4b-aarch64").cross_compiler == "aarch64-linux-gnu-g++"
     assert resolve('{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}').cross_compiler == "riscv64-linux-gnu-g++"
