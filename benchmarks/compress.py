@@ -5,6 +5,8 @@ Each variant is compiled for the host, tuned with the same MetaSchedule budget
 and timed with the TVM runtime (``--threads``, default all cores). Reported: median latency,
 speed-up over fp32, model size (.relax file), and the task metric where the model is trained
 (shapes-seg mIoU on its held-out split; digits-cnn accuracy), else the output error vs fp32.
+ONNX Runtime fp32 runs the original ONNX model on the same input and threads: each variant's
+ratio to it is reported too (a weakly tuned fp32 baseline flatters every compressed variant).
 Low-rank uses one FLOP budget for the model (``--lowrank-flops``, ranks per layer from the
 spectra) with factors fitted to the layers' responses on the calibration data. Low-rank and
 compact models of trained models are fine-tuned by distillation (``--finetune-steps`` on
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--finetune-samples", type=int, default=512, help="inputs the fine-tune distils on")
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--json", type=Path, default=RESULTS / "compress.json", help="where the results go")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -81,6 +84,7 @@ def main() -> None:
     from rich.table import Table
 
     from tvmedge import zoo
+    from tvmedge.bench.peers import onnxruntime_latency, summarize
     from tvmedge.build import compile_model
     from tvmedge.frontend import load_model, save_relax
     from tvmedge.optimize import data as data_mod
@@ -93,11 +97,12 @@ def main() -> None:
     device = resolve("host")
     res: dict[str, Any] = {"threads": args.threads, "trials": args.trials, "lowrank_flops": args.lowrank_flops,
                            "compact_max_error": args.compact_max_error, "finetune_steps": args.finetune_steps,
-                           "finetune_samples": args.finetune_samples, "models": {}}
+                           "finetune_samples": args.finetune_samples, "onnxruntime_fp32_ms": {}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="tvmedge-compress-") as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            model = load_model(zoo.export(name, tmp / f"{name}.onnx"))
+            onnx_path = zoo.export(name, tmp / f"{name}.onnx")
+            model = load_model(onnx_path)
             specs = [i.to_dict() for i in model.inputs]
             if name in TRAINED:
                 calib = data_mod.load(TRAINED[name], model, "calib", limit=args.calib_size)
@@ -148,26 +153,34 @@ def main() -> None:
                 except Exception as e:  # one variant failing to tune/compile must not lose the others
                     rows[kind] = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                     print(f"{name} {kind}: {rows[kind]['status']}", flush=True)
+            ort_ms = summarize(onnxruntime_latency(onnx_path, random_inputs(specs), args.threads,
+                                                   max(args.repeat, 50)))["median"]
+            print(f"{name} onnxruntime fp32: {ort_ms:.2f} ms", flush=True)
             base = rows["fp32"]
             for row in rows.values():
+                if row.get("status") == "ok":
+                    row["vs_onnxruntime"] = ort_ms / row["latency_ms"]
                 if row.get("status") == "ok" and base.get("status") == "ok":
                     row["speedup"] = base["latency_ms"] / row["latency_ms"]
                     if "score" in row:
                         row["drop_points"] = 100 * (base["score"] - row["score"])
+            res["onnxruntime_fp32_ms"][name] = ort_ms
             res["models"][name] = rows
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "compress.json").write_text(json.dumps(res, indent=2, default=float))
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2, default=float))
 
     table = Table(title=f"compression on this host ({args.threads} threads, {args.trials} trials per variant)")
-    for col in ("model", "variant", "ms", "speed-up", "GFLOPs", "MB", "metric", "drop (pt)", "max rel err", "status"):
+    for col in ("model", "variant", "ms", "speed-up", "x ORT fp32", "GFLOPs", "MB", "metric", "drop (pt)",
+                "max rel err", "status"):
         table.add_column(col, justify="right")
     for name, rows in res["models"].items():
         for kind, r in rows.items():
             if r.get("status") != "ok" or "speedup" not in r:
-                table.add_row(name, kind, *[""] * 7, r["status"][:80] if r.get("status") != "ok" else "no fp32 base")
+                table.add_row(name, kind, *[""] * 8, r["status"][:80] if r.get("status") != "ok" else "no fp32 base")
                 continue
-            table.add_row(name, kind, f"{r['latency_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['flops'] / 1e9:.3f}",
-                          f"{r['bytes'] / 1e6:.2f}", f"{r['score']:.4f}" if "score" in r else "",
+            table.add_row(name, kind, f"{r['latency_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['vs_onnxruntime']:.2f}x",
+                          f"{r['flops'] / 1e9:.3f}", f"{r['bytes'] / 1e6:.2f}",
+                          f"{r['score']:.4f}" if "score" in r else "",
                           f"{r['drop_points']:.2f}" if "drop_points" in r else "", f"{r['max_rel']:.3g}", "ok")
     Console(width=160).print(table)
     for name, rows in res["models"].items():
@@ -180,9 +193,9 @@ def main() -> None:
             return (f"{kind} {r['speedup']:.2f}x" + (f", drop {drop:.2f} pt" if drop is not None else ", no labels")
                     + f" -> goal {'met' if met else 'NOT met'}")
         print(f"{name}: {goal('int8', 2.0)}; {goal('lowrank', 1.5)}; {goal('compact', 1.5)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compress.json").write_text(json.dumps(res, indent=2, default=float))
-    print(f"wrote {RESULTS / 'compress.json'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2, default=float))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
