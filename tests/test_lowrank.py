@@ -203,6 +203,28 @@ def test_finetune_unknown_op_is_named():
     del tvm
 
 
+def test_call_tir_graph_factorized_on_responses(tmp_path):
+    """mobilenet_v2's ONNX import writes Clip (ReLU6) as isnan/where + call_tir PrimFuncs: the
+    interpreter runs those with TVM (batched, matching the compiled model), so response-fitted
+    low-rank works on it; fine-tuning through a call_tir fails with one clear error."""
+    from tvmedge.optimize.data import Dataset
+    from tvmedge.run import random_inputs
+
+    model = load_model(zoo.export("mobilenet_v2", tmp_path / "m.onnx"))
+    assert "R.call_tir" in model.mod["main"].script(show_meta=False)
+    specs = [i.to_dict() for i in model.inputs]
+    data = Dataset("random", [random_inputs(specs, seed=i) for i in range(3)])
+    x = torch.from_numpy(np.concatenate([s["input"] for s in data.samples]))
+    with torch.no_grad():
+        got = RelaxModule(model.mod, trainable=False)(x)[0].numpy()
+    ref = outputs_over(HostRunner(model), data)[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    new, rep = factorize(model, flops_ratio=0.7, calib=data)
+    assert rep["fit"] == "responses" and len(rep["layers"]) > 10
+    with pytest.raises(TvmedgeError, match="call_tir.*cannot be differentiated"):
+        finetune(model, new, 1, data, progress=False)
+
+
 def test_cli_lowrank_compact_compile(digits, shapes):
     d = digits["dir"]
     out = cli("optimize", str(digits["path"]), "-o", str(d / "o.relax"), "--lowrank", "0.9", "--eval", "digits",

@@ -123,6 +123,9 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
     "relax.nn.gelu": lambda args, a: F.gelu(args[0]),
     "relax.nn.softmax": lambda args, a: F.softmax(args[0], dim=int(a.axis)),
     "relax.clip": lambda args, a: torch.clamp(args[0], args[1], args[2]),
+    "relax.isnan": lambda args, a: torch.isnan(args[0]),
+    "relax.where": lambda args, a: torch.where(args[0], args[1], args[2]),
+    "relax.call_tir": None,  # RelaxModule._call_tir: the PrimFunc itself, compiled for this host
     "relax.nn.max_pool2d": _pool("max"),
     "relax.nn.avg_pool2d": _pool("avg"),
     "relax.nn.adaptive_avg_pool2d": _adaptive_avg,
@@ -145,6 +148,7 @@ class RelaxModule(nn.Module):
         from tvm import relax
 
         self._relax, self._tvm = relax, tvm
+        self._mod, self._prim_funcs = mod, {}
         func = mod["main"]
         self.inputs = list(func.params)
         body = func.body
@@ -194,6 +198,8 @@ class RelaxModule(nn.Module):
             return [int(v) for v in e.values]
         if isinstance(e, relax.Call):
             name = e.op.name
+            if name == "relax.call_tir":
+                return self._call_tir(e, self._eval(e.args[1], env))
             args = [self._eval(a, env) if not _is_prim(a) else _prim(a) for a in e.args]
             fn = OPS[name]
             if name == "relax.reshape":
@@ -202,6 +208,33 @@ class RelaxModule(nn.Module):
                 return fn(args, e.attrs, e)
             return fn(args, e.attrs)
         raise TvmedgeError(f"finetune: expression {type(e).__name__} is not supported by the interpreter")
+
+    def _call_tir(self, call: Any, inputs: Any) -> torch.Tensor:
+        """Run a ``call_tir`` (what importers emit for some elementwise ops, e.g. ONNX Clip with
+        tensor bounds) with TVM on this host, sample by sample (its shapes are the static
+        batch's). No gradient flows through it: fine-tuning a graph with one fails clearly."""
+        tvm = self._tvm
+        gv = call.args[0]
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.weights):
+            raise TvmedgeError(f"finetune: {gv.name_hint} (a call_tir) cannot be differentiated")
+        if gv.name_hint not in self._prim_funcs:
+            prim = tvm.IRModule({"main": self._mod[gv].with_attr("global_symbol", "main")})
+            self._prim_funcs[gv.name_hint] = tvm.compile(prim, target=tvm.target.Target({"kind": "llvm"}))["main"]
+        fn = self._prim_funcs[gv.name_hint]
+        out_ty = call.ty_args[0] if call.ty_args else call.ty
+        shape, dtype = [int(v) for v in out_ty.shape], str(out_ty.dtype)
+        outs = []
+        for i in range(self._ratio):
+            # .copy(): C-contiguous and, unlike np.ascontiguousarray, keeps 0-d scalars 0-d
+            chunk = [tvm.runtime.tensor((t.detach().numpy()[i * (t.shape[0] // self._ratio):
+                                                            (i + 1) * (t.shape[0] // self._ratio)]
+                                         if t.dim() and self._ratio > 1 else t.detach().numpy()).copy())
+                     for t in inputs]
+            res = tvm.runtime.tensor(np.empty(shape, dtype))
+            fn(*chunk, res)
+            outs.append(torch.from_numpy(res.numpy()))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def forward(self, *xs: torch.Tensor) -> list[torch.Tensor]:
         static = int(self.inputs[0].ty.shape[0]) if xs and xs[0].dim() else 1
