@@ -55,20 +55,29 @@ def register_vnni() -> str:
     return VNNI_INTRIN
 
 
-def _vnni_funcs(c_scope: str):
+def _dot_desc(lanes: int, a_dtype: str, c_scope: str):
+    """What a dot-product intrinsic computes: ``c[0:lanes] += a[0:4] . b[0:lanes, 0:4]`` (int32)."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
+    def desc(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
         with T.sblock("root"):
-            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-            T.writes(c[0:16])
-            for lane in T.serial(0, 16):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for lane in T.serial(0, lanes):
                 for r in T.serial(0, 4):
                     with T.sblock("update"):
                         vl, vr = T.axis.remap("SR", [lane, r])
                         c[vl] = c[vl] + T.cast(a[vr], "int32") * T.cast(b[vl, vr], "int32")
+
+    return desc
+
+
+def _vnni_funcs(c_scope: str):
+    from tvm.script import tirx as T
+
+    desc = _dot_desc(16, "uint8", c_scope)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -101,17 +110,7 @@ def register_sdot() -> str:
 def _sdot_funcs():
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
-             c: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
-            T.writes(c[0:4])
-            for lane in T.serial(0, 4):
-                for r in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vl, vr = T.axis.remap("SR", [lane, r])
-                        c[vl] = c[vl] + T.cast(a[vr], "int32") * T.cast(b[vl, vr], "int32")
+    desc = _dot_desc(4, "int8", "local")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
