@@ -55,9 +55,14 @@ def register_vnni() -> str:
     return VNNI_INTRIN
 
 
-def _dot_desc(lanes: int, a_dtype: str, c_scope: str):
-    """What a dot-product intrinsic computes: ``c[0:lanes] += a[0:4] . b[0:lanes, 0:4]`` (int32)."""
+def _dot_funcs(lanes: int, a_dtype: str, c_scope: str, llvm_intrin: str):
+    """(description, implementation) of ``c[0:lanes] += a[0:4] . b[0:lanes, 0:4]`` (int32
+    accumulators, int8 weights) as one call of the LLVM intrinsic ``llvm_intrin``, which takes
+    (int32 x lanes, the 4 activation bytes repeated in every lane, the 4*lanes weight bytes)."""
     from tvm.script import tirx as T
+
+    a4_dtype, wide, c_dtype = f"{a_dtype}x4", f"{a_dtype}x{4 * lanes}", f"int32x{lanes}"
+    b_dtype = f"int8x{4 * lanes}"
 
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
@@ -71,28 +76,24 @@ def _dot_desc(lanes: int, a_dtype: str, c_scope: str):
                         vl, vr = T.axis.remap("SR", [lane, r])
                         c[vl] = c[vl] + T.cast(a[vr], "int32") * T.cast(b[vl, vr], "int32")
 
-    return desc
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), a_dtype, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            # The 4 activation bytes as one int32, repeated in all lanes, seen as 4*lanes bytes.
+            a4 = T.reinterpret(a.vload([0], a4_dtype), dtype="int32")
+            a_all = T.reinterpret(T.broadcast(a4, lanes), dtype=wide)
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrin),
+                c.vload([0], dtype=c_dtype), a_all, b.vload([0, 0], dtype=b_dtype), dtype=c_dtype)
+
+    return desc, impl
 
 
 def _vnni_funcs(c_scope: str):
-    from tvm.script import tirx as T
-
-    desc = _dot_desc(16, "uint8", c_scope)
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1, scope=c_scope)) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-            T.writes(c[0:16])
-            # The 4 activation bytes as one int32, repeated in all 16 lanes, seen as 64 bytes.
-            a4 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-            a64 = T.reinterpret(T.broadcast(a4, 16), dtype="uint8x64")
-            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                c.vload([0], dtype="int32x16"), a64, b.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-
-    return desc, impl
+    return _dot_funcs(16, "uint8", c_scope, "llvm.x86.avx512.vpdpbusd.512")
 
 
 def register_sdot() -> str:
@@ -102,30 +103,10 @@ def register_sdot() -> str:
     if not _sdot_registered:
         from tvm.s_tir import TensorIntrin
 
-        TensorIntrin.register(SDOT_INTRIN_LOCAL, *_sdot_funcs(), override=True)
+        funcs = _dot_funcs(4, "int8", "local", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+        TensorIntrin.register(SDOT_INTRIN_LOCAL, *funcs, override=True)
         _sdot_registered = True
     return SDOT_INTRIN_LOCAL
-
-
-def _sdot_funcs():
-    from tvm.script import tirx as T
-
-    desc = _dot_desc(4, "int8", "local")
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), "int8", offset_factor=1), b: T.Buffer((4, 4), "int8", offset_factor=1),
-             c: T.Buffer((4,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:4], a[0:4], b[0:4, 0:4])
-            T.writes(c[0:4])
-            # the 4 activation bytes as one int32, repeated in all 4 lanes, seen as 16 bytes
-            a4 = T.reinterpret(a.vload([0], "int8x4"), dtype="int32")
-            a16 = T.reinterpret(T.broadcast(a4, 4), dtype="int8x16")
-            c[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
-                c.vload([0], dtype="int32x4"), a16, b.vload([0, 0], dtype="int8x16"), dtype="int32x4")
-
-    return desc, impl
 
 
 def pack_dense_weight(w_kn: np.ndarray, lanes: int = 16) -> np.ndarray:
