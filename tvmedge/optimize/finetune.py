@@ -224,15 +224,13 @@ class RelaxModule(nn.Module):
         fn = self._prim_funcs[gv.name_hint]
         out_ty = call.ty_args[0] if call.ty_args else call.ty
         shape, dtype = [int(v) for v in out_ty.shape], str(out_ty.dtype)
+        # one static batch at a time; scalars (0-d) go whole to every call
+        split = [t.detach().tensor_split(self._ratio) if t.dim() else [t.detach()] * self._ratio for t in inputs]
         outs = []
-        for i in range(self._ratio):
-            # .copy(): C-contiguous and, unlike np.ascontiguousarray, keeps 0-d scalars 0-d
-            chunk = [tvm.runtime.tensor((t.detach().numpy()[i * (t.shape[0] // self._ratio):
-                                                            (i + 1) * (t.shape[0] // self._ratio)]
-                                         if t.dim() and self._ratio > 1 else t.detach().numpy()).copy())
-                     for t in inputs]
+        for part in zip(*split):
             res = tvm.runtime.tensor(np.empty(shape, dtype))
-            fn(*chunk, res)
+            # .copy(): C-contiguous and, unlike np.ascontiguousarray, keeps 0-d scalars 0-d
+            fn(*[tvm.runtime.tensor(p.numpy().copy()) for p in part], res)
             outs.append(torch.from_numpy(res.numpy()))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
