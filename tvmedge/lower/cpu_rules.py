@@ -1,0 +1,292 @@
+"""Rule-based CPU schedules for Relax's fused kernels: tvmedge's untuned default.
+
+Relax's CPU build leaves every kernel a naive loop nest (no threads, no SIMD); dlight's CPU
+rules cover only GEMV and reductions. These rules, in dlight's form (``ScheduleRule``
+subclasses applied with ``dl.ApplyDefaultSchedule``), cover what CNNs are made of, on
+NHWC graphs (``tvmedge.lower.pipeline`` converts the layout first):
+
+- :class:`SpatialReduction` — one reduction block with its prologue (padding) and epilogue
+  (bias, activation, residual add): conv2d of every kind (dense, depthwise, grouped),
+  dense/matmul, pooling, mean. The output's innermost axis (channels in NHWC, columns of a
+  matmul) is split into SIMD vectors, the axis before it into a register tile, the
+  accumulators live in registers across the whole reduction, the epilogue runs on the tile
+  while it is hot, and the outer loops run on the thread pool.
+- :class:`Injective` — layout transforms, padding, resize, concat, elementwise chains:
+  inlined into one loop nest, outer loops parallel, innermost axis vectorized.
+- :class:`Parallel` — the fallback for whatever is left: every block's outer loops
+  parallel, so no kernel runs as a single-threaded naive loop nest.
+
+Vector width comes from LLVM's view of the target (AVX-512: 16 fp32 lanes, AVX2: 8,
+NEON: 4), thread count from the target's ``num-cores``. Numerics change only by float
+reassociation (tiling and vector accumulation order).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+_ACCUMULATOR_REGISTERS = 24  # of 32 vector registers (AVX-512, AArch64); the rest hold operands
+
+
+def vector_lanes(target: Target, bits: int = 32) -> int:
+    """SIMD lanes for ``bits``-wide elements on ``target`` (at least 4)."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 4)
+
+
+def num_cores(target: Target) -> int:
+    return max(int(target.attrs.get("num-cores", 1) or 1), 1)
+
+
+def _is_cpu(target: Target) -> bool:
+    return target.kind.name == "llvm"
+
+
+def _int(expr) -> int | None:
+    return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(min(n, at_most), 1) + 1) if n % d == 0)
+
+
+def _vector_factor(extent: int, lanes: int) -> int:
+    """The vector tile of an axis: two vectors, one, or a narrower power of two that divides it."""
+    for f in (2 * lanes, lanes, lanes // 2, lanes // 4):
+        if f >= 4 and extent % f == 0:
+            return f
+    return 1
+
+
+def _parallel(sch: s_tir.Schedule, loops: list, target: Target) -> None:
+    """Fuse the leading loops until there is enough work for the threads; mark it parallel."""
+    if not loops:
+        return
+    want = num_cores(target) * 8
+    take, work = 0, 1
+    for loop in loops:
+        extent = _int(sch.get(loop).extent)
+        if extent is None:
+            break
+        take, work = take + 1, work * extent
+        if work >= want:
+            break
+    if take == 0 or work == 1:
+        return
+    fused = sch.fuse(*loops[:take]) if take > 1 else loops[0]
+    if num_cores(target) > 1:
+        sch.parallel(fused)
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> list:
+    """Vectorize the block's innermost loop (split to a lane multiple if it is long); the outer loops."""
+    loops = sch.get_loops(block)
+    extent = _int(sch.get(loops[-1]).extent)
+    if extent is None or extent == 1:
+        return loops
+    if extent <= 4 * lanes:
+        if extent >= 4:
+            sch.vectorize(loops[-1])
+        return loops[:-1]
+    factor = _vector_factor(extent, lanes)
+    if factor == 1:
+        return loops[:-1]
+    outer, inner = sch.split(loops[-1], [None, factor])
+    sch.vectorize(inner)
+    return loops[:-1] + [outer]
+
+
+def _schedule_spatial(sch: s_tir.Schedule, block, target: Target) -> None:
+    outer = _vectorize_inner(sch, block, vector_lanes(target))
+    _parallel(sch, outer, target)
+
+
+def _inline_all(sch: s_tir.Schedule, keep) -> None:
+    """Inline every spatial block into its consumers or producer, except the ones in ``keep``."""
+    progress = True
+    while progress:
+        progress = False
+        for block in sch.get_child_blocks(_root(sch)):
+            if any(sch.get(block).same_as(sch.get(k)) for k in keep):
+                continue
+            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    inline(block)
+                    progress = True
+                    break
+                except Exception:  # noqa: BLE001 - "cannot inline" is the normal answer
+                    continue
+            if progress:
+                break
+
+
+def _root(sch: s_tir.Schedule):
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    return get_root_block(sch)
+
+
+class Injective(ScheduleRule):
+    """Functions of spatial blocks only: inline into as few loop nests as possible, then parallel + SIMD."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(i.is_injective() for i in infos):
+            return None
+        _inline_all(sch, keep=[])
+        for block in sch.get_child_blocks(_root(sch)):
+            _schedule_spatial(sch, block, target)
+        return sch
+
+
+class Parallel(ScheduleRule):
+    """The fallback: every top-level block's leading spatial loops on the thread pool."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in infos:
+            spatial = []
+            for it in info.iters:
+                if it.kind != "S":
+                    break
+                spatial.append(it.loop_rv)
+            _parallel(sch, spatial, target)
+        return sch
+
+
+class SpatialReduction(ScheduleRule):
+    """One reduction block (conv2d, matmul, pooling, mean) with its prologue and epilogue."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = [i for i in infos if i.is_reduction()]
+        if len(reductions) != 1 or any(not i.is_injective() for i in infos if i is not reductions[0]):
+            return None
+        red = reductions[0]
+        kinds = red.dom_kind()
+        if "O" in kinds or "R" not in kinds:
+            return None
+        order = [i.block_rv for i in infos]
+        pos = next(k for k, i in enumerate(infos) if i is red)
+        prologue, epilogue = order[:pos], order[pos + 1:]
+        lanes = vector_lanes(target)
+
+        # Prologue: pure copies and elementwise producers go into the reduction; padding
+        # (a conditional) stays a separate, parallel and vectorized stage.
+        from tvm import get_global_func
+
+        has_if = get_global_func("s_tir.schedule.HasIfThenElse")
+        kept = []
+        for block in reversed(prologue):
+            if has_if(sch.get(block)):
+                kept.append(block)
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001
+                kept.append(block)
+        # Epilogue: one block that reads the accumulator tile.
+        for block in epilogue[:-1]:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001
+                return None
+        block = red.block_rv
+        if epilogue:
+            tail = epilogue[-1]
+        else:
+            tail = sch.cache_write(block, 0, "global")
+
+        stmt = sch.get(block)
+        iters = list(stmt.iter_vars)
+        loops = sch.get_loops(block)
+        if len(loops) != len(iters):
+            return None
+        extents = [_int(sch.get(lp).extent) for lp in loops]
+        if any(e is None for e in extents):
+            return None
+        spatial = [k for k, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.DataPar]
+        reduce_ = [k for k, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
+        if spatial != list(range(len(spatial))):
+            return None
+
+        # The vector axis: the spatial iterator that indexes the output's innermost dimension.
+        out_index = stmt.writes[0].region[-1].min if stmt.writes[0].region else None
+        vec = next((k for k in spatial if out_index is not None and iters[k].var.same_as(out_index)), None)
+        fv = _vector_factor(extents[vec], lanes) if vec is not None else 1
+        if fv == 1 and vec is not None and extents[vec] < lanes and extents[vec] >= 4:
+            fv = extents[vec]
+        # The register axis: the nearest spatial axis before it with more than one iteration.
+        reg = next((k for k in reversed(spatial) if k != vec and extents[k] > 1 and (vec is None or k < vec)), None)
+        budget = max(_ACCUMULATOR_REGISTERS // max(fv // lanes, 1), 1)
+        fr = _largest_divisor(extents[reg], min(budget, 8)) if reg is not None else 1
+
+        tiles_o, tiles_i = {}, {}
+        for k, f in ((vec, fv), (reg, fr)):
+            if k is None:
+                continue
+            if f > 1 and f < extents[k]:
+                tiles_o[k], tiles_i[k] = sch.split(loops[k], [None, f])
+            elif f > 1:
+                tiles_i[k] = loops[k]
+            else:
+                tiles_o[k] = loops[k]
+        plain = [loops[k] for k in spatial if k not in (vec, reg)]
+        order_ = plain + [tiles_o[k] for k in (vec, reg) if k in tiles_o]
+        inner = [tiles_i[k] for k in (reg, vec) if k in tiles_i]
+        sch.reorder(*order_, *[loops[k] for k in reduce_], *inner)
+        # Parallel over the plain spatial loops (and the vector tiles when they are too few).
+        par = plain + ([tiles_o[vec]] if vec in tiles_o else [])
+        n_par = len(par)
+        _parallel(sch, par, target)
+        anchor_loops = sch.get_loops(block)
+        anchor = anchor_loops[len(anchor_loops) - len(reduce_) - len(inner) - 1] \
+            if len(anchor_loops) > len(reduce_) + len(inner) else None
+        del n_par
+
+        if vec in tiles_i and fv >= 4:
+            sch.vectorize(tiles_i[vec])
+        if reg in tiles_i and fr > 1:
+            sch.unroll(tiles_i[reg])
+        init = sch.decompose_reduction(block, sch.get_loops(block)[len(sch.get_loops(block)) - len(reduce_) - len(inner)])
+        init_loops = sch.get_loops(init)
+        if fv >= 4 and vec in tiles_i:
+            sch.vectorize(init_loops[-1])
+
+        if anchor is not None:
+            sch.reverse_compute_at(tail, anchor, preserve_unit_loops=True)
+            tail_loops = sch.get_loops(tail)
+            n_tail = len(inner)
+            tile = tail_loops[len(tail_loops) - n_tail:] if n_tail else []
+            if tile and fv >= 4 and vec in tiles_i:
+                sch.vectorize(tile[-1])
+        else:
+            _schedule_spatial(sch, tail, target)
+        for block_ in kept:
+            _schedule_spatial(sch, block_, target)
+        return sch
+
+
+def default_rules() -> list[ScheduleRule]:
+    """The rules tvmedge applies to every CPU kernel without a tuning record, in order."""
+    from tvm.s_tir import dlight as dl
+
+    return [SpatialReduction(), Injective(), dl.cpu.Reduction(), Parallel()]

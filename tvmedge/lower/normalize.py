@@ -1,0 +1,78 @@
+"""Relax rewrites that let layout conversion and fusion see through importer output.
+
+ONNX's ``Clip`` imports as ``call_tir`` PrimFuncs (``topi.maximum``/``minimum`` against a
+0-d bound) and some frontends emit ``R.clip``; neither has a layout rule in
+``ConvertLayout``, so an NHWC conversion would put a transpose pair around every ReLU6.
+Here both become ``R.maximum``/``R.minimum`` with a constant of the tensor's rank, which
+ConvertLayout, LegalizeOps and FuseOps all handle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, te, topi
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..optimize.lowrank import constant_value
+
+_TOPI = {"max": topi.maximum, "min": topi.minimum}
+_RELAX = {"max": relax.op.maximum, "min": relax.op.minimum}
+
+
+def _te_equal(func: tvm.tirx.PrimFunc, x_info, c_info, which: str) -> bool:
+    x = te.placeholder(list(x_info.shape.values), str(x_info.dtype), "x")
+    c = te.placeholder([], str(c_info.dtype), "c")
+    ref = te.create_prim_func([x, c, _TOPI[which](x, c)])
+    return tvm_ffi.structural_equal(func.with_attr("global_symbol", "f"), ref.with_attr("global_symbol", "f"),
+                                   map_free_vars=True)
+
+
+def _ranked(value: float, dtype: str, ndim: int) -> tvm.ir.expr.Constant:
+    return relax.const(np.full([1] * ndim, value, dtype=dtype), dtype)
+
+
+@mutator
+class _Clip(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod = mod
+
+    def _scalar(self, expr) -> float | None:
+        value = constant_value(self, expr)
+        return float(value) if value is not None and value.ndim == 0 else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if call.op == tvm.ir.Op.get("relax.clip"):
+            x = call.args[0]
+            info = x.ty
+            if not (isinstance(info, relax.TensorType) and str(info.dtype).startswith("float") and info.ndim > 0):
+                return call
+            lo, hi = (float(getattr(a.value, "value", a.value)) for a in call.args[1:3])
+            return relax.op.minimum(relax.op.maximum(x, _ranked(lo, str(info.dtype), info.ndim)),
+                                    _ranked(hi, str(info.dtype), info.ndim))
+        if call.op != tvm.ir.Op.get("relax.call_tir") or len(call.args[1].fields) != 2:
+            return call
+        x, c = call.args[1].fields
+        value = self._scalar(c)
+        info = x.ty
+        if value is None or not isinstance(info, relax.TensorType) or info.ndim <= 0 or \
+                not all(isinstance(d, tvm.tirx.IntImm) for d in info.shape.values):
+            return call
+        func = self.mod[call.args[0]]
+        for which in ("max", "min"):
+            if _te_equal(func, info, c.ty, which):
+                return _RELAX[which](x, _ranked(value, str(info.dtype), info.ndim))
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeClip")
+def NormalizeClip(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Rewrite clip-like ``call_tir``/``R.clip`` into ranked ``R.maximum``/``R.minimum``."""
+    mutator_ = _Clip(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
