@@ -43,32 +43,30 @@ def prepare(model: ImportedModel, device: Device) -> ImportedModel:
         raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first.strip()}") from e
 
 
-def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):
-    """Compile the Relax module to a VM executable, applying tuning records if given."""
-    import tvm
-    from tvm import relax
+def build_executable(model: ImportedModel, device: Device,
+                     tuning_db: str | os.PathLike | list | None = None):
+    """Compile the Relax module to a VM executable: tuning records where given, tvmedge's
+    default schedules (``tvmedge.lower``) for every other kernel. Returns the executable
+    and the :class:`~tvmedge.lower.pipeline.ScheduleReport`."""
+    from .lower.pipeline import build
 
     model = prepare(model, device)  # a no-op when compile_model already did it
-    mod = model.mod
-    target = device.target
     try:
         if tuning_db:
             from .tune.pipeline import apply_database
 
-            return apply_database(mod, target, tuning_db)
-        if device.device == "cuda":
-            from tvm.s_tir import dlight as dl
-
-            with target:
-                mod = relax.get_pipeline("zero")(mod)
-                mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-        return tvm.compile(mod, target=target)
+            return apply_database(model.mod, device.target, tuning_db)
+        return build(model.mod, device.target)
     except TvmedgeError:
         raise
     except Exception as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise TvmedgeError(f"compilation for {device.name} failed: {first.strip()}") from e
+
+
+def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):
+    """The VM executable of :func:`build_executable`."""
+    return build_executable(model, device, tuning_db)[0]
 
 
 def export_library(executable, device: Device, path: str | os.PathLike) -> None:
@@ -123,7 +121,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         if shipped:
             tuning_db = shipped
     model = prepare(model, device)  # here too, so that the metadata lists the rewrite
-    executable = lower(model, device, tuning_db)
+    executable, schedules = build_executable(model, device, tuning_db)
     if isinstance(tuning_db, list):
         tuning_db = ", ".join(str(p) for p in tuning_db) + " (shipped)"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +130,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         export_library(executable, device, lib)
         meta = metadata(model, device, str(tuning_db) if tuning_db else None, time.perf_counter() - t0)
         meta["library_bytes"] = lib.stat().st_size
+        meta["schedules"] = schedules.to_dict()
         partial = out.with_name(f".{out.name}.partial")
         with tarfile.open(partial, "w") as tar:
             tar.add(lib, arcname=LIB_NAME)

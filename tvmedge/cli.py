@@ -45,6 +45,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"({meta['target'].get('kind')}, {meta['target'].get('mtriple') or meta['target'].get('arch', '')}) "
               f"in {meta['compile_seconds']:.1f}s -> {args.output} "
               f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}{tuned}]")
+        sch = meta["schedules"]
+        line = f"kernels: {sch['tuned']} from tuning records, {sch['default_rule']} by default rules"
+        if sch["unscheduled"]:
+            line += f", {len(sch['unscheduled'])} unscheduled (naive loops): {', '.join(sch['unscheduled'])}"
+        if sch["record_failed"]:
+            line += f"; records that failed to apply (default rule used instead): {', '.join(sch['record_failed'])}"
+        print(line)
     return 0
 
 
