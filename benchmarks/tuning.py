@@ -6,7 +6,7 @@ the model (TVM runtime) next to ONNX Runtime, same threads, same run. Stops when
 budget is spent. Then measures the time to a tuned model when the database already holds
 the workloads (a second `tune` on a copy of it: everything reused). Prints a table, writes
 ``benchmarks/results/tuning.json`` and ``tuning.png``. The final databases can be copied
-into ``schedules/`` (``--save-schedules``).
+into ``schedules/<ISA class>/tvm-<major.minor>/`` (``--save-schedules``).
 
 Goal to report against: tuned <= 0.8x ONNX Runtime within 30 minutes of tuning, and
 <= 5 minutes when the database already holds the workloads.
@@ -54,6 +54,7 @@ def main() -> None:
 
     from tvmedge import zoo
     from tvmedge.frontend import load_model
+    from tvmedge.isa import database_class, tvm_series
     from tvmedge.run import random_inputs
     from tvmedge.target import resolve
     from tvmedge.tune.cli import _alive, device_pool
@@ -102,10 +103,14 @@ def main() -> None:
                                                              "trials_run": rep["trials_run"], "tvm_ms": tvm_ms,
                                                              "ort_ms": ort, "ratio": tvm_ms / ort}}
             if args.save_schedules:
-                dest = Path(__file__).parent.parent / "schedules" / f"host-{device.target_json.get('mcpu')}" / name
+                # schedules/<ISA class the records need>/tvm-<major.minor>/<model> (see schedules/README.md)
+                best = tmp / f"{name}-best"
+                kept = export_best(db_dir, best)  # the best record per workload: all compile applies
+                dest = (Path(__file__).parent.parent / "schedules" / database_class(best) / f"tvm-{tvm_series()}"
+                        / name)
                 if dest.exists():
                     shutil.rmtree(dest)
-                kept = export_best(db_dir, dest)  # the best record per workload: all compile applies
+                shutil.copytree(best, dest)
                 print(f"  saved {kept} records to {dest}", flush=True)
             RESULTS.mkdir(parents=True, exist_ok=True)  # after each model: a crash keeps what was measured
             (RESULTS / "tuning.json").write_text(json.dumps(out, indent=2))

@@ -28,7 +28,7 @@ fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[setup] installing Python packages into .venv (pinned in pyproject.toml)"
     .venv/bin/python -m pip install -q --upgrade pip
-    if ! .venv/bin/python -m pip install -e '.[test]' > .venv/pip-install.log 2>&1; then
+    if ! .venv/bin/python -m pip install -e '.[test,bench]' > .venv/pip-install.log 2>&1; then
         tail -30 .venv/pip-install.log; echo "[setup] pip install failed (full log: .venv/pip-install.log)"; exit 1
     fi
     touch "$stamp"

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
     p.add_argument("--no-shipped-schedules", action="store_true",
-                   help="without --tuning-db, do not apply the databases shipped in schedules/ for this device")
+                   help="without --tuning-db, do not apply the databases shipped in schedules/ for the target's ISA class")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
     from .optimize.cli import add_optimize_args

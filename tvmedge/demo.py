@@ -1,7 +1,7 @@
 """The built-in default job (``tvmedge demo``, the README's first command).
 
 Part 1, this machine: export ``mobilenet_v2``, compile it for ``host`` (with the tuning
-database shipped in ``schedules/`` for this CPU, when there is one), run it, check it
+database shipped in ``schedules/`` for this CPU's ISA class, if any), run it, check it
 against ONNX Runtime and print both latencies on the same threads.
 
 Part 2, a device over RPC: start a tracker on loopback and an emulated Raspberry Pi 4 (a

@@ -120,9 +120,12 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
             where = "rpc"
         if not threads:
             # "All cores" by default: on x86 TVM would otherwise halve the count to skip
-            # hyper-threads, even where there are none.
+            # hyper-threads, even where there are none. On a device: the description's core
+            # count, else the target's num-cores (tuning records carry no thread count).
             cores = meta["device"].get("report", {}).get("cores")
-            threads = (os.cpu_count() or 1) if session is None else (cores if isinstance(cores, int) else 0)
+            if not isinstance(cores, int):
+                cores = target_cores(meta["target"])
+            threads = (os.cpu_count() or 1) if session is None else (cores or 0)
         if threads:
             config(1, int(threads))
         vm = relax.VirtualMachine(lib, dev)
@@ -136,6 +139,13 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         used = int(num_threads())
     lat = [r * 1e3 for r in res.results]
     return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
+
+
+def target_cores(target: dict[str, Any]) -> int | None:
+    """The ``num-cores`` of a target's CPU (its host's for a GPU target), if it says."""
+    host = target if target.get("kind") == "llvm" else (target.get("host") or target)
+    cores = host.get("num-cores") if isinstance(host, dict) else None
+    return int(cores) if isinstance(cores, int) and cores > 0 else None
 
 
 def arch_of_target(target: dict[str, Any]) -> str:

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TvmedgeError
-
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+from .resources import data_dir
 
 # Cross compilers by the target triple's architecture, for tags and JSON targets.
 _CROSS_BY_ARCH = {
@@ -86,8 +85,13 @@ def host_target_dict() -> dict[str, Any]:
             "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
+def targets_dir() -> Path:
+    """The device descriptions folder, ``targets/`` (the checkout's or the installed package's)."""
+    return data_dir("targets")
+
+
 def device_names() -> list[str]:
-    return sorted(p.stem for p in TARGETS_DIR.glob("*.json"))
+    return sorted(p.stem for p in targets_dir().glob("*.json"))
 
 
 def _make_target(spec: Any, what: str):
@@ -133,7 +137,7 @@ def load_description(path: Path) -> Device:
 def resolve(spec: str | None) -> Device:
     """Turn a device name, a TVM tag or a JSON target into a :class:`Device`."""
     spec = (spec or "host").strip()
-    path = TARGETS_DIR / f"{spec}.json"
+    path = targets_dir() / f"{spec}.json"
     if "/" not in spec and path.exists():
         return load_description(path)
     if spec.startswith("{"):

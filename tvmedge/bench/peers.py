@@ -1,4 +1,4 @@
-"""Time the peers that a tvmedge latency is reported against: ONNX Runtime and PyTorch eager.
+"""Time the peers that a tvmedge latency is reported against: ONNX Runtime, OpenVINO and PyTorch eager.
 
 Each measurement warms up, then times ``repeat`` single-batch runs and returns the
 latencies in milliseconds, like :func:`tvmedge.run.run_artifact` does for TVM.
@@ -47,4 +47,46 @@ def torch_latency(model, x, threads: int, repeat: int = 20, warmup: int = 3) -> 
             t0 = time.perf_counter()
             model(x)
             lat.append((time.perf_counter() - t0) * 1e3)
+    return lat
+
+
+def openvino_compile(onnx_path: str | os.PathLike, threads: int, precision: str | None = None):
+    """An OpenVINO CPU model for single-batch latency; ``precision`` ``"f32"`` forces fp32
+    compute, ``None`` keeps OpenVINO's default (bf16 or f16 where the CPU has it)."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config = {props.inference_num_threads: int(threads), props.num_streams: 1,
+              hints.performance_mode: hints.PerformanceMode.LATENCY}
+    if precision is not None:
+        config[hints.inference_precision] = getattr(ov.Type, precision)
+    return ov.Core().compile_model(str(onnx_path), "CPU", config)
+
+
+def openvino_precision(compiled) -> str:
+    """The precision an OpenVINO compiled model computes in (``f32``, ``bf16``, ``f16``)."""
+    import openvino.properties.hint as hints
+
+    return str(compiled.get_property(hints.inference_precision).get_type_name())
+
+
+def openvino_run(compiled, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One inference; the outputs in the model's output order."""
+    req = compiled.create_infer_request()
+    req.infer(inputs)
+    return [np.array(req.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
+
+
+def openvino_latency(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarray], threads: int,
+                     precision: str | None = None, repeat: int = 20, warmup: int = 3) -> list[float]:
+    compiled = openvino_compile(onnx_path, threads, precision)
+    req = compiled.create_infer_request()
+    for _ in range(warmup):
+        req.infer(inputs)
+    lat = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        req.infer(inputs)
+        lat.append((time.perf_counter() - t0) * 1e3)
     return lat

@@ -16,12 +16,13 @@ from ..errors import TvmedgeError
 
 @contextlib.contextmanager
 def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool | None,
-                log=print) -> Iterator[tuple[tuple[str, int], str, int, bool]]:
+                log=print, threads: int | None = None) -> Iterator[tuple[tuple[str, int], str, int, bool]]:
     """Yields (tracker, key, number of free devices, emulated) for tuning and running.
 
     With ``--rpc-tracker`` the user's devices are used. Without it, tvmedge starts a
     tracker on loopback and one server: a local one for a host target, an emulated device
-    (qemu) for a target that has an emulator, and stops them afterwards.
+    (qemu) for a target that has an emulator, and stops them afterwards. ``threads``: the
+    local server's thread pool (candidates are timed with it); default all cores.
     """
     from ..deploy import rpc
 
@@ -47,7 +48,7 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
             # TMPDIR: each server's sessions work under its own folder, which is how the
             # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
             srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(os.cpu_count() or 1),
+                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1),
                                         "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-dev-")})
             stack.callback(srv.stop)
             yield (tr.host, tr.port), key, 1, False

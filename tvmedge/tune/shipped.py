@@ -1,0 +1,82 @@
+"""The tuning databases shipped in ``schedules/<isa-class>/tvm-<major.minor>/<model>/``.
+
+Like TVM's old TopHub: a ready start when the user has no records of their own. Which
+databases a target gets is decided by its ISA class (:mod:`tvmedge.isa`, from the target's
+CPU features, never its name) and the installed TVM version series; see
+``schedules/README.md``. :func:`open_databases` opens several databases as one, in that
+order of precedence. ``compile`` reaches both through ``tvmedge.tune.pipeline``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+
+def open_databases(db_dirs: str | os.PathLike | list):
+    """One MetaSchedule database over one or more tuning database directories.
+
+    A list is in order of preference, grouped by parent folder (how
+    :func:`shipped_databases` returns them: one folder per ISA class, own class first):
+    within a folder the fastest measured record of a workload wins; across folders the
+    first folder that holds the workload wins, so a CPU's own class beats the classes it
+    is a superset of.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .database import TuningDatabase
+
+    dirs = [Path(d) for d in (db_dirs if isinstance(db_dirs, list) else [db_dirs])]
+    groups: list[list] = []
+    parent = None
+    for d in dirs:
+        if not groups or d.parent != parent:
+            groups.append([])
+            parent = d.parent
+        groups[-1].append(TuningDatabase(d).open())
+    unions = [g[0] if len(g) == 1 else ms.database.UnionDatabase(*g) for g in groups]
+    return unions[0] if len(unions) == 1 else ms.database.OrderedUnionDatabase(*unions)
+
+
+def schedules_dir() -> Path:
+    """The shipped ``schedules/`` folder (the checkout's, or the installed package's copy)."""
+    from ..resources import data_dir
+
+    return data_dir("schedules")
+
+
+def shipped_class_dir(isa_class: str, tvm_series: str | None = None, root: Path | None = None) -> Path:
+    """``schedules/<isa-class>/tvm-<major.minor>/``: where databases of one class are shipped."""
+    from ..isa import tvm_series as current_series
+
+    return (root or schedules_dir()) / isa_class / f"tvm-{tvm_series or current_series()}"
+
+
+def shipped_databases(device, root: Path | None = None) -> list[Path]:
+    """Tuning databases shipped for ``device``'s ISA class and this TVM version, best first.
+
+    The target's own class first, then each class it is a superset of (the order
+    ``tvmedge.tune.pipeline.open_databases`` gives precedence by). A database whose records
+    need a class the target lacks (e.g. VNNI-tensorized records filed in the wrong folder)
+    is skipped with a warning, so such code never reaches a CPU without it. ``root``:
+    another ``schedules/`` folder to look in (default: the shipped one).
+    """
+    from ..isa import database_class, usable_classes
+
+    classes = usable_classes(device.target)
+    found: list[Path] = []
+    for cls in classes:
+        folder = shipped_class_dir(cls, root=root)
+        for db in sorted(p.parent for p in folder.glob("*/database_workload.json")):
+            try:
+                needs = database_class(db)
+            except ValueError as e:
+                warnings.warn(f"shipped database {db} skipped: {e}", stacklevel=2)
+                continue
+            if needs not in classes:
+                warnings.warn(f"shipped database {db} skipped: its records need {needs}, "
+                              f"which {device.name} ({classes[0]}) lacks", stacklevel=2)
+                continue
+            found.append(db)
+    return found
