@@ -29,6 +29,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 _ACCUMULATOR_REGISTERS = 24  # of 32 vector registers (AVX-512, AArch64); the rest hold operands
+_INLINE_PAD_MAX_REDUCTION = 64  # reduction sizes (kh*kw*cin/groups) up to which padding is inlined
 
 
 def vector_lanes(target: Target, bits: int = 32) -> int:
@@ -55,10 +56,17 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(min(n, at_most), 1) + 1) if n % d == 0)
 
 
-def _vector_factor(extent: int, lanes: int) -> int:
-    """The vector tile of an axis: two vectors, one, or a narrower power of two that divides it."""
-    for f in (2 * lanes, lanes, lanes // 2, lanes // 4):
+def _vector_factor(extent: int, lanes: int, max_vectors: int = 2) -> int:
+    """The vector tile of an axis: the largest divisor of ``extent`` made of up to ``max_vectors``
+    whole vectors; else one half or quarter vector (at least 4 lanes). Odd multiples of a
+    partial vector (24 = 1.5 AVX-512 vectors) made LLVM spill the accumulators: 5x slower."""
+    for k in range(max_vectors, 0, -1):
+        if extent % (lanes * k) == 0:
+            return lanes * k
+    for f in (lanes // 2, lanes // 4):
         if f >= 4 and extent % f == 0:
+            if max_vectors > 2:  # no register axis: several partial vectors side by side
+                return max(f * k for k in range(1, max_vectors * lanes // f + 1) if extent % (f * k) == 0)
             return f
     return 1
 
@@ -194,9 +202,16 @@ class SpatialReduction(ScheduleRule):
         from tvm import get_global_func
 
         has_if = get_global_func("s_tir.schedule.HasIfThenElse")
+        # Padding is inlined too where each input element is used only a few times
+        # (depthwise conv, pooling): there a separate pass over the padded copy costs more
+        # than the bounds checks.
+        reduce_extent = 1
+        for it in red.iters:
+            if it.kind == "R":
+                reduce_extent *= _int(it.dom) or 1 << 20
         kept = []
         for block in reversed(prologue):
-            if has_if(sch.get(block)):
+            if has_if(sch.get(block)) and reduce_extent > _INLINE_PAD_MAX_REDUCTION:
                 kept.append(block)
                 continue
             try:
@@ -210,10 +225,12 @@ class SpatialReduction(ScheduleRule):
             except Exception:  # noqa: BLE001
                 return None
         block = red.block_rv
+        # The accumulator tile is a local buffer, so LLVM keeps it in registers.
         if epilogue:
             tail = epilogue[-1]
+            sch.set_scope(block, 0, "local")
         else:
-            tail = sch.cache_write(block, 0, "global")
+            tail = sch.cache_write(block, 0, "local")
 
         stmt = sch.get(block)
         iters = list(stmt.iter_vars)
@@ -231,11 +248,12 @@ class SpatialReduction(ScheduleRule):
         # The vector axis: the spatial iterator that indexes the output's innermost dimension.
         out_index = stmt.writes[0].region[-1].min if stmt.writes[0].region else None
         vec = next((k for k in spatial if out_index is not None and iters[k].var.same_as(out_index)), None)
-        fv = _vector_factor(extents[vec], lanes) if vec is not None else 1
-        if fv == 1 and vec is not None and extents[vec] < lanes and extents[vec] >= 4:
-            fv = extents[vec]
         # The register axis: the nearest spatial axis before it with more than one iteration.
         reg = next((k for k in reversed(spatial) if k != vec and extents[k] > 1 and (vec is None or k < vec)), None)
+        # Without one (a matrix-vector product), the vector tile alone holds the accumulators.
+        fv = _vector_factor(extents[vec], lanes, 2 if reg is not None else 8) if vec is not None else 1
+        if fv == 1 and vec is not None and 4 <= extents[vec] < lanes:
+            fv = extents[vec]
         budget = max(_ACCUMULATOR_REGISTERS // max(fv // lanes, 1), 1)
         fr = _largest_divisor(extents[reg], min(budget, 8)) if reg is not None else 1
 
