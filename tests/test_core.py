@@ -44,7 +44,10 @@ def test_onnx_matches_onnxruntime(name, host, tmp_path):
     onnx_path = zoo.export(name, tmp_path / f"{name}.onnx")
     model = load_model(onnx_path)
     assert [i.shape for i in model.inputs] == [list(entry.input_shape)]
-    compile_model(model, host, tmp_path / "m.tar")
+    meta = compile_model(model, host, tmp_path / "m.tar", use_shipped=False)
+    # Untuned, every kernel gets one of tvmedge's default CPU schedules: none is left naive.
+    assert meta["schedules"]["unscheduled"] == [] and meta["schedules"]["tuned"] == 0
+    assert meta["schedules"]["default_rule"] > 0
     x = zoo.example_input(entry, seed=1).numpy()
     res = run_artifact(tmp_path / "m.tar", {model.inputs[0].name: x}, repeat=1)
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {entry.input_name: x})[0]

@@ -32,12 +32,22 @@ _ACCUMULATOR_REGISTERS = 24  # of 32 vector registers (AVX-512, AArch64); the re
 _INLINE_PAD_MAX_REDUCTION = 64  # reduction sizes (kh*kw*cin/groups) up to which padding is inlined
 
 
+def vector_bits(target: Target) -> int:
+    """The SIMD register width the target's features give (``llvm_get_vector_width`` answers
+    512 for any x86 CPU on an AVX-512 host, so the features are read instead)."""
+    from ..isa import cpu_arch, cpu_features
+
+    arch, feats = cpu_arch(target), cpu_features(target)
+    if arch == "x86_64":
+        return 512 if "avx512f" in feats else 256 if "avx" in feats else 128
+    if arch == "riscv64" and "v" in feats:
+        return 128  # RVV's minimum VLEN; wider cores still run 128-bit code correctly
+    return 128  # NEON, and scalar targets (LLVM splits the vectors)
+
+
 def vector_lanes(target: Target, bits: int = 32) -> int:
     """SIMD lanes for ``bits``-wide elements on ``target`` (at least 4)."""
-    from tvm.target.codegen import llvm_get_vector_width
-
-    width = llvm_get_vector_width(target)
-    return max((width if width > 0 else 128) // bits, 4)
+    return max(vector_bits(target) // bits, 4)
 
 
 def num_cores(target: Target) -> int:

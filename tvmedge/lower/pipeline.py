@@ -52,12 +52,15 @@ class ScheduleReport:
     """Which kernels got a tuning record, a default rule, or neither."""
 
     tuned: list[str] = field(default_factory=list)
-    default: list[str] = field(default_factory=list)
+    default: dict[str, str] = field(default_factory=dict)  # kernel -> the rule that scheduled it
     unscheduled: list[str] = field(default_factory=list)
     record_failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tuned": len(self.tuned), "default_rule": len(self.default),
+        rules: dict[str, int] = {}
+        for rule in self.default.values():
+            rules[rule] = rules.get(rule, 0) + 1
+        return {"tuned": len(self.tuned), "default_rule": len(self.default), "rules": rules,
                 "unscheduled": sorted(self.unscheduled), "record_failed": sorted(self.record_failed)}
 
     def summary(self) -> str:
@@ -88,10 +91,30 @@ def default_rules(target) -> list:
     return cpu()
 
 
+def apply_rules(mod: tvm.IRModule, target, names: set[str]) -> tuple[tvm.IRModule, dict[str, str]]:
+    """Schedule the kernels ``names`` with the first default rule that applies to each
+    (like dlight's ``ApplyDefaultSchedule``, but a rule that raises counts as not applying,
+    and the caller learns which rule scheduled what)."""
+    rules = default_rules(target)
+    used: dict[str, str] = {}
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in list(mod.functions.items()):
+        if gv.name_hint not in names:
+            continue
+        for rule in rules:
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 - a rule that cannot handle a kernel leaves it to the next
+                sch = None
+            if sch is not None:
+                mod[gv] = sch.mod["main"].with_attrs(func.attrs).with_attr("tirx.is_scheduled", True)
+                used[gv.name_hint] = type(rule).__name__
+                break
+    return mod, used
+
+
 def schedule(mod: tvm.IRModule, target, database=None) -> tuple[tvm.IRModule, ScheduleReport]:
     """Schedule every kernel of a prepared module: records first, default rules for the rest."""
-    from tvm.s_tir import dlight as dl
-
     report = ScheduleReport()
     target = tvm.target.Target(target)
     before = set(n for n, f in kernels(mod).items() if not _scheduled(f))
@@ -101,10 +124,9 @@ def schedule(mod: tvm.IRModule, target, database=None) -> tuple[tvm.IRModule, Sc
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             report.tuned = sorted(n for n, f in kernels(mod).items() if n in before and _scheduled(f))
         left = set(n for n, f in kernels(mod).items() if not _scheduled(f))
-        mod = dl.ApplyDefaultSchedule(*default_rules(target))(mod)
-    after = kernels(mod)
-    report.default = sorted(n for n in left if n in after and _scheduled(after[n]))
-    report.unscheduled = sorted(n for n in left if n in after and not _scheduled(after[n]))
+        mod, used = apply_rules(mod, target, left)
+    report.default = dict(sorted(used.items()))
+    report.unscheduled = sorted(left - set(used))
     return mod, report
 
 

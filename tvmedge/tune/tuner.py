@@ -40,6 +40,7 @@ class TaskInfo:
     prior_trials: int = 0
     trials: int = 0
     best_us: float | None = None
+    default_us: float | None = None  # the default rule's schedule, measured before the search
     history: list[float] = field(default_factory=list)
     status: str = "pending"  # pending | reused | tuned | converged | budget | stopped
 
@@ -244,7 +245,7 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
             "trials_per_iter": per_iter, "tuning_seconds": round(time.perf_counter() - t0, 1),
             "devices_used": devices_used(device_log), "devices_available": n_devices, "emulated": emulated,
             "tasks": [{"name": i.name, "weight": i.weight, "flops": i.flops, "trials": i.trials,
-                       "trials_total": i.prior_trials + i.trials, "best_us": i.best_us,
+                       "trials_total": i.prior_trials + i.trials, "best_us": i.best_us, "default_us": i.default_us,
                        "gflops": i.gflops, "status": i.status} for i in tasks],
         }
         if lost:
@@ -262,6 +263,7 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     from tvm.s_tir import meta_schedule as ms
 
     from .measure import make_builder, make_runner
+    from .seed import seed_default_records
 
     # Heaviest tasks first: the scheduler's first round visits tasks in this order, and a
     # small budget should not be spent on reshapes and pools.
@@ -288,6 +290,12 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
                    TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn(), disable=not progress, transient=False)
     job = bar.add_task("tune", total=budget, best="")
+    # The default rules' schedules, measured on the device, are the records to beat.
+    seeded = seed_default_records([t for t, _ in todo], database, target, builder, runner)
+    for t, info in todo:
+        info.default_us = seeded.get(t.task_name)
+        if info.default_us is not None:
+            info.best_us = info.default_us if info.best_us is None else min(info.best_us, info.default_us)
 
     def on_batch() -> None:
         done = sum(i.trials for i in infos)

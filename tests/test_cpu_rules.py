@@ -1,0 +1,117 @@
+"""tvmedge's default CPU schedules: every kernel of a model gets one, numerics stay those of
+ONNX Runtime (float reassociation only), and the cross-built Pi code really uses NEON."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tvmedge.build import compile_model
+from tvmedge.frontend import load_model
+from tvmedge.lower import cpu_rules
+from tvmedge.run import run_artifact
+from tvmedge.target import resolve
+
+
+class OpMix(nn.Module):
+    """One of each kernel kind a CNN is made of, at sizes that do not divide the vector width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU6())
+        self.dw = nn.Conv2d(24, 24, 3, 1, 1, groups=24)
+        self.dw2 = nn.Conv2d(24, 24, 5, 2, 2, groups=24)
+        self.grouped = nn.Conv2d(24, 36, 3, 1, 1, groups=4)
+        self.pw = nn.Conv2d(36, 40, 1)
+        self.dilated = nn.Conv2d(40, 40, 3, 1, 2, dilation=2)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.avgpool = nn.AvgPool2d(3, 1, 1)
+        self.norm = nn.LayerNorm(40)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem(x)
+        x = x + torch.nn.functional.hardswish(self.dw(x))
+        x = self.dw2(x)
+        x = torch.sigmoid(self.grouped(x)) * 2.0
+        n, c, h, w = x.shape  # channel shuffle: reshape / transpose / reshape
+        x = x.reshape(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = self.pw(x)
+        x = torch.cat([self.dilated(x)[:, :20], x[:, 20:]], dim=1)
+        seg = torch.nn.functional.interpolate(self.avgpool(x), scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.maxpool(x).mean(dim=(2, 3))
+        return torch.softmax(self.fc(self.norm(x)), dim=-1), seg
+
+
+@pytest.fixture(scope="module")
+def opmix_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = OpMix().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("opmix") / "opmix.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 30, 30),), str(path), input_names=["input"],
+                      output_names=["probs", "seg"], opset_version=17, dynamo=False)
+    return path
+
+
+def test_every_kernel_gets_a_default_schedule_and_matches_onnxruntime(opmix_onnx, tmp_path):
+    import onnxruntime as ort
+
+    meta = compile_model(load_model(opmix_onnx), resolve("host"), tmp_path / "m.tar", use_shipped=False)
+    sch = meta["schedules"]
+    assert sch["unscheduled"] == [] and sch["tuned"] == 0
+    # conv/depthwise/grouped/pool/mean/matmul kernels go to the spatial-reduction rule,
+    # layout and elementwise kernels to the injective one.
+    assert sch["rules"].get("SpatialReduction", 0) >= 7 and sch["rules"].get("Injective", 0) >= 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 30, 30)).astype("float32")
+    res = run_artifact(tmp_path / "m.tar", {"input": x}, repeat=1)
+    refs = ort.InferenceSession(str(opmix_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for out, ref in zip(res.outputs, refs):
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_rules_follow_the_target_vector_width():
+    """Vector width from LLVM's view of the target, never from this machine's CPU name."""
+    from tvm.target import Target
+
+    def lanes(spec: dict) -> int:
+        return cpu_rules.vector_lanes(Target(spec))
+
+    x86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    assert lanes({**x86, "mcpu": "skylake-avx512"}) == 16
+    assert lanes({**x86, "mcpu": "haswell"}) == 8
+    assert lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == 4
+    assert cpu_rules.num_cores(Target({**x86, "mcpu": "haswell", "num-cores": 6})) == 6
+
+
+def test_vector_factor_takes_whole_vectors_or_one_partial():
+    f = cpu_rules._vector_factor
+    assert f(128, 16) == 32 and f(48, 16) == 16 and f(24, 16) == 8 and f(12, 16) == 4
+    assert f(1000, 16, max_vectors=8) == 40  # matrix-vector: several partial vectors side by side
+    assert f(7, 16) == 1
+
+
+def _disassembly(tar: str, tmp_path) -> str:
+    with tarfile.open(tar) as t:
+        t.extract("model.so", tmp_path, filter="data")
+    return subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(tmp_path / "model.so")],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("board", ["pi4", "pi5"])
+def test_pi_code_uses_neon(board, opmix_onnx, tmp_path):
+    """The Pi libraries' kernels are NEON code: vector fused multiply-adds on 4 fp32 lanes."""
+    meta = compile_model(load_model(opmix_onnx), resolve(board), tmp_path / "m.tar", use_shipped=False)
+    assert meta["schedules"]["unscheduled"] == []
+    asm = _disassembly(str(tmp_path / "m.tar"), tmp_path)
+    vector_fmla = sum(1 for ln in asm.splitlines() if "\tfmla\t" in ln and ".4s" in ln)
+    assert vector_fmla >= 100, f"only {vector_fmla} vector fmla in the {board} library"

@@ -1,0 +1,62 @@
+"""Tuning starts from tvmedge's default schedules: each task's rule-based schedule is built,
+measured on the device with the tuning run's own builder and runner, and committed to the
+database as an ordinary record before MetaSchedule searches.
+
+Two things follow. The database's best record for a workload is never slower than the
+default rule (a kernel MetaSchedule cannot beat keeps the rule's schedule), so a tuned
+model is not slower than the untuned default. And MetaSchedule's evolutionary search seeds
+its first population with the database's best records, so the search starts from the
+rule's schedule rather than from random samples only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def default_schedule(mod, target) -> Any:
+    """The first default rule's schedule for a task's module (``main``), or None."""
+    from ..lower.pipeline import default_rules
+
+    func = mod["main"]
+    for rule in default_rules(target):
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule that fails is a rule that does not apply
+            sch = None
+        if sch is not None:
+            return sch
+    return None
+
+
+def seed_default_records(tasks: list, database, target, builder, runner) -> dict[str, float]:
+    """Measure the default schedule of every task (``ExtractedTask``s) and commit it as a
+    record; returns the measured microseconds by task name (missing: no rule, or it failed)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    items = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        sch = default_schedule(mod, target)
+        if sch is not None:
+            items.append((task, mod, sch))
+    if not items:
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in items])
+    runs, pending = [], []
+    for (task, mod, sch), b in zip(items, built):
+        if b.error_msg is not None:
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        runs.append(ms.runner.RunnerInput(b.artifact_path, target.kind.name, args))
+        pending.append((task, mod, sch, args))
+    measured: dict[str, float] = {}
+    for (task, mod, sch, args), future in zip(pending, runner.run(runs)):
+        result = future.result()
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        secs = [float(s) for s in result.run_secs]
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target, args))
+        measured[task.task_name] = sum(secs) / len(secs) * 1e6
+    return measured
