@@ -124,14 +124,12 @@ def _schedule_spatial(sch: s_tir.Schedule, block, target: Target) -> None:
     _parallel(sch, outer, target)
 
 
-def _inline_all(sch: s_tir.Schedule, keep) -> None:
-    """Inline every spatial block into its consumers or producer, except the ones in ``keep``."""
+def _inline_all(sch: s_tir.Schedule) -> None:
+    """Inline spatial blocks into their consumers (or producer) until none can be."""
     progress = True
     while progress:
         progress = False
         for block in sch.get_child_blocks(_root(sch)):
-            if any(sch.get(block).same_as(sch.get(k)) for k in keep):
-                continue
             for inline in (sch.compute_inline, sch.reverse_compute_inline):
                 try:
                     inline(block)
@@ -159,7 +157,7 @@ class Injective(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None or not all(i.is_injective() for i in infos):
             return None
-        _inline_all(sch, keep=[])
+        _inline_all(sch)
         for block in sch.get_child_blocks(_root(sch)):
             _schedule_spatial(sch, block, target)
         return sch
@@ -282,19 +280,17 @@ class SpatialReduction(ScheduleRule):
         inner = [tiles_i[k] for k in (reg, vec) if k in tiles_i]
         sch.reorder(*order_, *[loops[k] for k in reduce_], *inner)
         # Parallel over the plain spatial loops (and the vector tiles when they are too few).
-        par = plain + ([tiles_o[vec]] if vec in tiles_o else [])
-        n_par = len(par)
-        _parallel(sch, par, target)
+        _parallel(sch, plain + ([tiles_o[vec]] if vec in tiles_o else []), target)
+        # The epilogue runs under the loop just outside the reduction: on the hot tile.
         anchor_loops = sch.get_loops(block)
-        anchor = anchor_loops[len(anchor_loops) - len(reduce_) - len(inner) - 1] \
-            if len(anchor_loops) > len(reduce_) + len(inner) else None
-        del n_par
+        n_below = len(reduce_) + len(inner)
+        anchor = anchor_loops[len(anchor_loops) - n_below - 1] if len(anchor_loops) > n_below else None
 
         if vec in tiles_i and fv >= 4:
             sch.vectorize(tiles_i[vec])
         if reg in tiles_i and fr > 1:
             sch.unroll(tiles_i[reg])
-        init = sch.decompose_reduction(block, sch.get_loops(block)[len(sch.get_loops(block)) - len(reduce_) - len(inner)])
+        init = sch.decompose_reduction(block, sch.get_loops(block)[-n_below])
         init_loops = sch.get_loops(init)
         if fv >= 4 and vec in tiles_i:
             sch.vectorize(init_loops[-1])

@@ -37,6 +37,8 @@ def seed_default_records(tasks: list, database, target, builder, runner) -> dict
     items = []
     for task in tasks:
         mod = task.dispatched[0]
+        if database.has_workload(mod):  # seeded or tuned before (resume, another round)
+            continue
         sch = default_schedule(mod, target)
         if sch is not None:
             items.append((task, mod, sch))
