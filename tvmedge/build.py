@@ -9,7 +9,10 @@ rewrites and tuning database applied). The device needs only the plain TVM runti
 Target-specific rewrites run first (:func:`prepare`): on CPUs with an int8 dot-product
 instruction (x86 AVX-512 VNNI, AArch64 ``dotprod``) the int8 conv2d / matmul ops go to
 hand-scheduled kernels (:mod:`tvmedge.optimize.int8_dot`; ``TVMEDGE_INT8_DOT=0`` turns that
-off), recorded in the artifact's ``rewrites``.
+off), recorded in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the
+graph (NHWC on CPUs) and schedules every kernel: from tuning records where a database has
+them (the user's, or the ones shipped for the target's ISA class), else with tvmedge's
+default rules; the metadata's ``schedules`` counts which kernels got what.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
     """Compile ``model`` for ``device`` and write the artifact ``out`` atomically.
 
     ``use_shipped``: without a ``tuning_db``, apply the databases shipped in ``schedules/``
-    for this device and CPU, if any.
+    for the target's ISA class (and the classes it is a superset of), if any.
     """
     out = Path(out)
     if out.suffix != ".tar":

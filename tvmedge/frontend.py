@@ -83,14 +83,15 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     shapes = dict(input_shapes or {})
     if fmt == "relax":
         return _load_relax(path, shapes)
-    mod, inputs, out_names = {"onnx": _load_onnx, "pt2": _load_pt2, "tflite": _load_tflite}[fmt](path, shapes)
+    loader = {"onnx": _load_onnx, "pt2": _load_pt2, "tflite": _load_tflite}[fmt]
+    mod, inputs, out_names, rewrites = loader(path, shapes)
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
         raise TvmedgeError(f"--input-shape names unknown input(s) {sorted(unknown)}; "
                            f"model inputs are {[i.name for i in inputs]}")
     outputs = _output_specs(mod, out_names)
     model = ImportedModel(mod=mod, inputs=inputs, outputs=outputs, format=fmt,
-                          source=str(path), sha256=file_sha256(path))
+                          source=str(path), sha256=file_sha256(path), rewrites=rewrites)
     if fold_quantized:
         from .optimize.quantize import fold_qdq, has_qdq
 
@@ -193,6 +194,7 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
         static = _require_static(inp.name, dims, shapes.get(inp.name))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
         inputs.append(TensorSpec(inp.name, static, dtype))
+    model, folded = fold_shape_subgraphs(model, {i.name: i.shape for i in inputs})
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
@@ -200,7 +202,171 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
                         dtype_dict={i.name: i.dtype for i in inputs}, keep_params_in_input=False)
     except Exception as e:
         raise TvmedgeError(f"cannot import ONNX model {path.name} into Relax: {_first_line(e)}") from None
-    return mod, inputs, [o.name for o in graph.output]
+    rewrites = [{"rewrite": "onnx-shape-fold", "nodes": folded}] if folded else []
+    return mod, inputs, [o.name for o in graph.output], rewrites
+
+
+# Ops that compute on shapes (and small index tensors) in exported graphs; folding evaluates
+# them once the input shapes are fixed. Anything random or stateful stays in the graph.
+_FOLDABLE_OPS = {
+    "Shape", "Size", "Gather", "GatherElements", "Slice", "Concat", "Cast", "CastLike", "Unsqueeze",
+    "Squeeze", "Reshape", "Flatten", "Identity", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs",
+    "Floor", "Ceil", "Round", "Sqrt", "Pow", "Min", "Max", "Equal", "Less", "LessOrEqual",
+    "Greater", "GreaterOrEqual", "Not", "And", "Or", "Where", "ConstantOfShape", "Range",
+    "ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax", "Expand", "Tile", "Transpose", "Split",
+    "Sign", "Clip", "ScatterND", "ScatterElements", "NonZero", "Constant",
+}
+_FOLD_MAX_ELEMENTS = 1 << 16  # a folded value larger than this stays computed in the graph
+
+
+def fold_shape_subgraphs(model: Any, input_shapes: dict[str, list[int]]) -> tuple[Any, int]:
+    """Evaluate the shape computations of an ONNX graph whose input shapes are now fixed.
+
+    Exporters (torch's with dynamic axes, Paddle2ONNX, tf2onnx) compute ``Reshape``
+    targets, ``Slice`` bounds and the like at run time from ``Shape``/``Size`` through
+    ``Gather``/``Slice``/``Concat``/``Cast``/arithmetic. TVM's importer cannot take a
+    ``Reshape`` target that is a computed tensor, and a ``Slice`` with computed bounds
+    imports as a ``dynamic_strided_slice`` whose unknown output shape later ops cannot be
+    compiled against. With ``input_shapes`` fixed, ONNX shape inference gives every
+    ``Shape`` input's dims; each node that depends on those values (and otherwise only on
+    small constants) is evaluated with ONNX's reference evaluator and replaced by an
+    initializer, repeated until nothing more folds (a folded ``Reshape`` target lets
+    inference see the next ``Shape``). Returns the new model and the count of nodes folded;
+    a graph without ``Shape``/``Size`` nodes comes back unchanged.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if not any(n.op_type in ("Shape", "Size") for n in model.graph.node):
+        return model, 0
+    model = _copy_onnx(model)
+    graph = model.graph
+    for inp in graph.input:
+        if inp.name in input_shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, input_shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    if set(opsets) - {"", "ai.onnx"}:
+        opsets = {"": opsets.get("", opsets.get("ai.onnx", 17))}
+    keep = {o.name for o in graph.output}
+    values: dict[str, np.ndarray] = {}  # names whose values are known (small constants, folded results)
+    for t in graph.initializer:
+        if int(np.prod(t.dims)) <= _FOLD_MAX_ELEMENTS:
+            values[t.name] = numpy_helper.to_array(t)
+    derived: set[str] = set()  # values computed from shapes: the nodes producing them are folded
+    folded = 0
+    for _ in range(16):
+        shapes = _static_shapes(model)
+        new_nodes = []
+        progress = False
+        for n in graph.node:
+            ins = [i for i in n.input if i]
+            ok = (n.domain in ("", "ai.onnx") and n.op_type in _FOLDABLE_OPS
+                  and not any(o in keep for o in n.output))
+            result: list[np.ndarray] | None = None
+            if ok and all(i in values for i in ins) and not any(i in derived for i in ins):
+                # constants only (e.g. a Constant, or a Cast of one): its value may be needed to
+                # fold what follows, but the node itself stays as the exporter wrote it
+                if not all(o in values for o in n.output if o):
+                    outs = _evaluate(n, opsets, values)
+                    for name, r in zip(n.output, outs or []):
+                        if name and r.size <= _FOLD_MAX_ELEMENTS:
+                            values[name] = r
+                new_nodes.append(n)
+                continue
+            if ok and n.op_type in ("Shape", "Size") and ins[0] in shapes:
+                dims = np.asarray(shapes[ins[0]], dtype=np.int64)
+                if n.op_type == "Size":
+                    result = [np.asarray(dims.prod(), dtype=np.int64)]
+                else:
+                    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                    start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+                    result = [dims[start:end]]
+            elif ok and all(i in values for i in ins):
+                result = _evaluate(n, opsets, values)
+            if result is not None and all(r.size <= _FOLD_MAX_ELEMENTS for r in result):
+                for name, r in zip(n.output, result):
+                    if name:
+                        values[name] = r
+                        derived.add(name)
+                        graph.initializer.append(numpy_helper.from_array(r, name))
+                folded += 1
+                progress = True
+            else:
+                new_nodes.append(n)
+        if not progress:
+            break
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        _drop_unused(graph)
+    return model, folded
+
+
+def _evaluate(node: Any, opsets: dict[str, int], values: dict[str, Any]) -> list[Any] | None:
+    """``node``'s outputs from ONNX's reference evaluator, or None where it cannot run it."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        outs = ReferenceEvaluator(_single_node_model(node, opsets)).run(None, {i: values[i] for i in node.input if i})
+    except Exception:
+        return None
+    return [np.asarray(o) for o in outs]
+
+
+def _copy_onnx(model: Any) -> Any:
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _single_node_model(node: Any, opsets: dict[str, int]) -> Any:
+    """A one-node ONNX model (value types left open) for the reference evaluator."""
+    from onnx import helper
+
+    graph = helper.make_graph([node], "fold", [helper.make_value_info(i, helper.TypeProto()) for i in node.input if i],
+                              [helper.make_value_info(o, helper.TypeProto()) for o in node.output if o])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+
+
+def _static_shapes(model: Any) -> dict[str, list[int]]:
+    """Fully known tensor shapes from ONNX shape inference (data propagation on)."""
+    from onnx import shape_inference
+
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    shapes: dict[str, list[int]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            shapes[vi.name] = dims
+    for t in g.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove initializers that no node or output reads any more (folded intermediates)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:  # inputs of nested graphs (If/Loop bodies) read outer names too
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                used |= {i for sub in g.node for i in sub.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 # ---------------------------------------------------------------- PyTorch (torch.export)
@@ -253,7 +419,7 @@ def _load_pt2(path: Path, shapes: dict[str, list[int]]):
         mod = relax.transform.BindSymbolicVars(binding, func_name="main")(mod)
     outs = [s.arg.name for s in ep.graph_signature.output_specs
             if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT]
-    return mod, inputs, outs
+    return mod, inputs, outs, []
 
 
 # ---------------------------------------------------------------- TFLite
@@ -303,7 +469,7 @@ def _load_tflite(path: Path, shapes: dict[str, list[int]]):
         raise TvmedgeError(f"cannot import TFLite model {path.name} into Relax: {msg}") from None
     if isinstance(mod, tuple):  # some versions return (mod, params)
         mod = mod[0]
-    return mod, inputs, out_names
+    return mod, inputs, out_names, []
 
 
 # ---------------------------------------------------------------- helpers
