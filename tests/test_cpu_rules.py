@@ -115,3 +115,12 @@ def test_pi_code_uses_neon(board, opmix_onnx, tmp_path):
     asm = _disassembly(str(tmp_path / "m.tar"), tmp_path)
     vector_fmla = sum(1 for ln in asm.splitlines() if "\tfmla\t" in ln and ".4s" in ln)
     assert vector_fmla >= 100, f"only {vector_fmla} vector fmla in the {board} library"
+
+
+@pytest.mark.parametrize("board", ["pi3", "riscv-u74"])
+def test_every_cpu_target_gets_default_schedules(board, opmix_onnx):
+    """AArch64 and RISC-V kernels are scheduled the same way (compiled here, not linked)."""
+    from tvmedge.build import build_executable
+
+    _, report = build_executable(load_model(opmix_onnx), resolve(board))
+    assert report.unscheduled == [] and len(report.default) >= 8
