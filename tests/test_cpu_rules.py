@@ -124,3 +124,47 @@ def test_every_cpu_target_gets_default_schedules(board, opmix_onnx):
 
     _, report = build_executable(load_model(opmix_onnx), resolve(board))
     assert report.unscheduled == [] and len(report.default) >= 8
+
+
+def test_seeded_records_apply_and_a_broken_record_falls_back(opmix_onnx, tmp_path):
+    """Each kernel's default schedule, measured here and committed as a record (how tuning
+    starts), applies as a record; a record whose trace no longer replays costs only its
+    kernel the record: that kernel gets the default rule, named in the report."""
+    import json
+
+    import onnxruntime as ort
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmedge.tune.database import RECORDS, WORKLOADS
+    from tvmedge.tune.seed import seed_default_records
+    from tvmedge.tune.tuner import tuning_tasks
+
+    host = resolve("host")
+    model = load_model(opmix_onnx)
+    tasks = tuning_tasks(model, host)
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    db = ms.database.JSONDatabase(path_workload=str(db_dir / WORKLOADS), path_tuning_record=str(db_dir / RECORDS))
+    builder = ms.builder.LocalBuilder(timeout_sec=600)  # a busy 2-core machine builds slowly
+    measured = seed_default_records(tasks, db, host.target, builder, ms.runner.LocalRunner())
+    assert len(measured) == len(tasks) and all(us > 0 for us in measured.values())
+
+    meta = compile_model(model, host, tmp_path / "seeded.tar", tuning_db=str(db_dir))
+    assert meta["schedules"]["tuned"] == len(tasks) and meta["schedules"]["record_failed"] == []
+
+    # Break the first record's trace: its first instruction now names a block that does not exist.
+    lines = (db_dir / RECORDS).read_text().splitlines()
+    idx, rec = json.loads(lines[0])
+    text = json.dumps(rec[0])
+    broken = text.replace('"root"', '"no_such_block"', 1) if '"root"' in text else None
+    assert broken is not None, "the trace names no block to break"
+    rec[0] = json.loads(broken)
+    (db_dir / RECORDS).write_text("\n".join([json.dumps([idx, rec])] + lines[1:]) + "\n")
+    meta = compile_model(model, host, tmp_path / "broken.tar", tuning_db=str(db_dir))
+    sch = meta["schedules"]
+    assert len(sch["record_failed"]) == 1 and sch["tuned"] == len(tasks) - 1
+    assert sch["default_rule"] == 1 and sch["unscheduled"] == []
+    x = np.random.default_rng(1).standard_normal((1, 3, 30, 30)).astype("float32")
+    res = run_artifact(tmp_path / "broken.tar", {"input": x}, repeat=1)
+    ref = ort.InferenceSession(str(opmix_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(res.outputs[0] - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

@@ -113,6 +113,38 @@ def apply_rules(mod: tvm.IRModule, target, names: set[str]) -> tuple[tvm.IRModul
     return mod, used
 
 
+def apply_records(mod: tvm.IRModule, database, names: set[str]) -> tuple[tvm.IRModule, list[str], list[str]]:
+    """Replace the kernels ``names`` by their best tuning records, one kernel at a time, so
+    that a record that fails to apply (a damaged trace, a TVM change) costs that kernel its
+    record only: it goes to the default rules. Returns the module, the kernels tuned and
+    the kernels whose record failed."""
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+    tuned, failed = [], []
+    apply = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)
+    with database:
+        for gv, func in list(mod.functions.items()):
+            if gv.name_hint not in names:
+                continue
+            try:
+                new = apply(tvm.IRModule({gv: func}))[gv.name_hint]
+            except Exception:  # noqa: BLE001 - TVM raises TVMError/ValueError/... on a bad trace
+                failed.append(gv.name_hint)
+                continue
+            if _scheduled(new):
+                mod[gv] = new
+                tuned.append(gv.name_hint)
+            elif _has_workload(database, func):  # its records were left out at load time
+                failed.append(gv.name_hint)
+    return mod, sorted(tuned), sorted(failed)
+
+
+def _has_workload(database, func) -> bool:
+    try:
+        return bool(database.has_workload(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def schedule(mod: tvm.IRModule, target, database=None) -> tuple[tvm.IRModule, ScheduleReport]:
     """Schedule every kernel of a prepared module: records first, default rules for the rest."""
     report = ScheduleReport()
@@ -120,9 +152,7 @@ def schedule(mod: tvm.IRModule, target, database=None) -> tuple[tvm.IRModule, Sc
     before = set(n for n, f in kernels(mod).items() if not _scheduled(f))
     with target:
         if database is not None:
-            with database:
-                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            report.tuned = sorted(n for n, f in kernels(mod).items() if n in before and _scheduled(f))
+            mod, report.tuned, report.record_failed = apply_records(mod, database, before)
         left = set(n for n, f in kernels(mod).items() if not _scheduled(f))
         mod, used = apply_rules(mod, target, left)
     report.default = dict(sorted(used.items()))

@@ -73,6 +73,7 @@ class TuningDatabase:
         elif not (self.path / WORKLOADS).exists():
             raise TvmedgeError(f"no tuning database in {self.path} (expected {WORKLOADS})")
         self.state = self._load_state()
+        self.skipped = 0  # records left out by open(): they do not load in this TVM
 
     # ------------------------------------------------------------ state
     def _load_state(self) -> dict[str, Any]:
@@ -120,8 +121,46 @@ class TuningDatabase:
             lines = _valid_lines(self.path / name)
             if (self.path / name).exists() and len(lines) != len([ln for ln in (self.path / name).read_bytes().splitlines() if ln.strip()]):
                 raise TvmedgeError(f"{self.path / name} has damaged lines; run `tvmedge tune --resume` to repair it")
-        return ms.database.JSONDatabase(path_workload=str(self.path / WORKLOADS),
-                                        path_tuning_record=str(self.path / RECORDS), allow_missing=False)
+        try:
+            return ms.database.JSONDatabase(path_workload=str(self.path / WORKLOADS),
+                                            path_tuning_record=str(self.path / RECORDS), allow_missing=False)
+        except Exception:  # noqa: BLE001 - a record whose trace does not replay fails the whole load
+            return self._open_skipping_bad_records()
+
+    def _open_skipping_bad_records(self):
+        """The database less the records TVM refuses to load (a trace that no longer replays
+        on its workload): each record is tried alone; the user's files are not touched.
+        ``self.skipped`` counts what was left out; those kernels fall back to default rules."""
+        import tempfile
+
+        from tvm.s_tir import meta_schedule as ms
+
+        work = Path(tempfile.mkdtemp(prefix="tvmedge-db-"))
+        try:
+            workloads = (self.path / WORKLOADS).read_bytes()
+            (work / WORKLOADS).write_bytes(workloads)
+            good = []
+            for line in _valid_lines(self.path / RECORDS):
+                (work / RECORDS).write_bytes(line + b"\n")
+                try:
+                    ms.database.JSONDatabase(path_workload=str(work / WORKLOADS),
+                                             path_tuning_record=str(work / RECORDS), allow_missing=False)
+                    good.append(line)
+                except Exception:  # noqa: BLE001
+                    continue
+            self.skipped = len(_valid_lines(self.path / RECORDS)) - len(good)
+            (work / RECORDS).write_bytes(b"".join(line + b"\n" for line in good))
+            db = ms.database.JSONDatabase(path_workload=str(work / WORKLOADS),
+                                          path_tuning_record=str(work / RECORDS), allow_missing=False)
+            memory = ms.database.MemoryDatabase()  # so that the temporary files can go now
+            for line in _valid_lines(self.path / WORKLOADS):  # all of them: "has a record that failed"
+                memory.commit_workload(ms.database.Workload.from_json(json.loads(line)).mod)
+            for record in db.get_all_tuning_records():
+                memory.commit_workload(record.workload.mod)
+                memory.commit_tuning_record(record)
+            return memory
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def close(self) -> None:
         staging = self.path / ".staging"

@@ -50,7 +50,7 @@ def seed_default_records(tasks: list, database, target, builder, runner) -> dict
         if b.error_msg is not None:
             continue
         args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        runs.append(ms.runner.RunnerInput(b.artifact_path, target.kind.name, args))
+        runs.append(ms.runner.RunnerInput(b.artifact_path, "cuda" if target.kind.name == "cuda" else "cpu", args))
         pending.append((task, mod, sch, args))
     measured: dict[str, float] = {}
     for (task, mod, sch, args), future in zip(pending, runner.run(runs)):
