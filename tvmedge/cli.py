@@ -7,11 +7,11 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from .errors import TvmedgeError
+from .jsonio import dumps
 
 
 def _console():
@@ -37,7 +37,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
                          use_shipped=not args.no_shipped_schedules)
     if args.json:
-        print(json.dumps(meta))
+        print(dumps(meta))
     else:
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in meta["inputs"])
         tuned = f", tuning records: {meta['tuning_db']}" if meta["tuning_db"] else ", untuned"
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         _, meta = read_artifact(args.artifact, tmp)
-    inputs = load_inputs(args.inputs, meta["inputs"])
+    inputs = load_inputs(args.inputs, meta["inputs"], warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     session = _session(args)
     res = run_artifact(args.artifact, inputs, repeat=args.repeat, threads=args.threads, session=session)
     if args.rpc_tracker or args.rpc_host:
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         save_outputs(args.outputs, res)
     info = res.to_json()
     if args.json:
-        print(json.dumps(info))
+        print(dumps(info))
         return 0
     lat = info["latency_ms"]
     print(f"{os.path.basename(args.artifact)} on {info['device']} ({meta['device']['name']}, "
@@ -103,7 +103,7 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
     if args.json:
-        print(json.dumps([{"name": e.name, "input_shape": list(e.input_shape), "trained": e.trained,
+        print(dumps([{"name": e.name, "input_shape": list(e.input_shape), "trained": e.trained,
                            "description": e.description} for e in zoo.ZOO.values()]))
         return 0
     for e in zoo.ZOO.values():
@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --verbose is global: accepted before or after the verb (argparse alone takes it only before).
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    args = parser.parse_args([a for a in argv if a not in ("-v", "--verbose")])
+    args.verbose = verbose
     try:
         return int(args.func(args) or 0)
     except TvmedgeError as e:

@@ -119,10 +119,13 @@ def save_relax(model: ImportedModel, path: str | os.PathLike) -> Path:
             "source": model.source, "source_sha256": model.sha256, "rewrites": model.rewrites,
             "tvm_version": tvm.__version__}
     tmp = path.with_name(f".{path.name}.partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        z.writestr("model.json", json.dumps(meta, indent=1))
-        z.writestr("module.json", tvm.ir.save_json(model.mod))
-    os.replace(tmp, path)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+            z.writestr("model.json", json.dumps(meta, indent=1))
+            z.writestr("module.json", tvm.ir.save_json(model.mod))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -181,9 +184,15 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
     if missing:
         raise TvmedgeError(f"unsupported ONNX operator(s) in {path.name}: {', '.join(missing)}")
     try:
-        onnx.checker.check_model(model)
+        # full_check adds strict shape inference: graphs it refuses (an Einsum whose
+        # equation does not fit its inputs, say) crashed TVM's importer natively.
+        onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise TvmedgeError(f"invalid ONNX model {path.name}: {_first_line(e)}") from None
+    ignored = _ignored_attributes(graph)
+    if ignored:
+        raise TvmedgeError(f"unsupported ONNX attribute(s) in {path.name}: {', '.join(ignored)} "
+                           "(TVM's importer would ignore them and compute something else)")
     initializers = {t.name for t in graph.initializer}
     inputs: list[TensorSpec] = []
     for inp in graph.input:
@@ -204,6 +213,29 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
         raise TvmedgeError(f"cannot import ONNX model {path.name} into Relax: {_first_line(e)}") from None
     rewrites = [{"rewrite": "onnx-shape-fold", "nodes": folded}] if folded else []
     return mod, inputs, [o.name for o in graph.output], rewrites
+
+
+# Attribute values TVM's ONNX importer does not implement and would silently ignore:
+# (op, attribute) -> the only value it computes correctly.
+_ONLY_VALUE = {
+    ("Resize", "antialias"): 0,
+    ("Resize", "keep_aspect_ratio_policy"): b"stretch",
+    ("Resize", "axes"): None,
+}
+
+
+def _ignored_attributes(graph) -> list[str]:
+    import onnx
+
+    found = []
+    for node in graph.node:
+        for a in node.attribute:
+            key = (node.op_type, a.name)
+            if key in _ONLY_VALUE:
+                value = onnx.helper.get_attribute_value(a)
+                if value != _ONLY_VALUE[key]:
+                    found.append(f"{node.op_type} {a.name}={value!r} (node {node.name or node.output[0]})")
+    return found
 
 
 # Ops that compute on shapes (and small index tensors) in exported graphs; folding evaluates

@@ -57,24 +57,50 @@ def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.nd
     return out
 
 
-def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Inputs from an ``.npz`` (by input name, or in input order), else random ones."""
+def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]],
+                warn=None) -> dict[str, np.ndarray]:
+    """Inputs from an ``.npz`` (by input name, or in input order), else random ones.
+
+    ``warn`` (a callable taking one line) hears what was adapted: an array taken by
+    position because no array has the input's name, a dtype cast, arrays left unused.
+    """
     if path is None:
         return random_inputs(specs)
+    path = Path(path)
+    if not path.exists():
+        raise TvmedgeError(f"inputs file not found: {path}")
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
     except Exception as e:
         raise TvmedgeError(f"cannot read inputs {path}: {e}") from None
+    if not hasattr(data, "keys"):  # a .npy: one bare array
+        if len(specs) != 1:
+            raise TvmedgeError(f"{path} holds one array (.npy); the model has {len(specs)} inputs: "
+                               "give an .npz with one array per input name")
+        data = {specs[0]["name"]: data}
     keys = list(data.keys())
-    out = {}
+    say = warn or (lambda line: None)
+    out, used = {}, set()
     for i, s in enumerate(specs):
-        key = s["name"] if s["name"] in keys else (keys[i] if i < len(keys) and len(keys) == len(specs) else None)
-        if key is None:
+        if s["name"] in keys:
+            key = s["name"]
+        elif len(keys) == len(specs):
+            key = keys[i]
+            say(f"input '{s['name']}': no array of that name in {path.name}; using '{key}' (by position)")
+        else:
             raise TvmedgeError(f"{path} has no array for input '{s['name']}' (has {keys})")
+        used.add(key)
         arr = np.asarray(data[key])
         if list(arr.shape) != list(s["shape"]):
             raise TvmedgeError(f"input '{s['name']}' in {path} has shape {list(arr.shape)}, model expects {s['shape']}")
+        if arr.dtype != np.dtype(s["dtype"]):
+            if not np.can_cast(arr.dtype, s["dtype"], casting="same_kind"):
+                raise TvmedgeError(f"input '{s['name']}' in {path} is {arr.dtype}; the model takes {s['dtype']}")
+            say(f"input '{s['name']}': {arr.dtype} cast to the model's {s['dtype']}")
         out[s["name"]] = arr.astype(s["dtype"], copy=False)
+    unused = [k for k in keys if k not in used]
+    if unused:
+        say(f"arrays in {path.name} that match no input, not used: {', '.join(unused)}")
     return out
 
 
@@ -171,5 +197,8 @@ def save_outputs(path: str | os.PathLike, result: RunResult) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.npz")
     names = [o["name"] for o in result.meta["outputs"]]
-    np.savez(tmp, **{n: o for n, o in zip(names, result.outputs)})
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **{n: o for n, o in zip(names, result.outputs)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -97,11 +97,31 @@ def device_names() -> list[str]:
 def _make_target(spec: Any, what: str):
     from tvm.target import Target
 
+    if isinstance(spec, dict) and spec.get("kind") == "llvm" and spec.get("mcpu"):
+        _check_cpu_name(str(spec["mcpu"]), spec.get("mtriple"), what)  # before TVM prints LLVM's complaint
     try:
-        return Target(spec)
+        target = Target(spec)
     except Exception as e:  # TVM raises ValueError / TVMError with long texts
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TvmedgeError(f"invalid target {what}: {first}") from None
+    _check_cpu(target, what)
+    return target
+
+
+def _check_cpu(target, what: str) -> None:
+    """Refuse an ``mcpu`` LLVM does not know: it would print errors and build for a generic CPU."""
+    for t in (target, target.host):
+        if t is None or t.kind.name != "llvm" or not t.attrs.get("mcpu"):
+            continue
+        _check_cpu_name(str(t.attrs["mcpu"]), t.attrs.get("mtriple"), what)
+
+
+def _check_cpu_name(mcpu: str, triple: Any, what: str) -> None:
+    from tvm.target import codegen
+
+    triple = str(triple or codegen.llvm_get_system_triple())
+    if not codegen.llvm_is_valid_cpu(mcpu, triple):
+        raise TvmedgeError(f"invalid target {what}: LLVM knows no CPU '{mcpu}' for {triple}")
 
 
 def _cross_for(target) -> str | None:

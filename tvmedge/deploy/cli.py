@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 import time
 
 from .emulate import KINDS
@@ -18,9 +19,17 @@ def _wait_forever(what: str) -> None:
         print(f"\nstopping {what}")
 
 
+def _warn_if_open(host: str, what: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the {what} listens on {host}: TVM RPC has no authentication, anyone who can reach "
+              "this port can run code here. Keep it on loopback and reach it through an SSH tunnel "
+              "(ssh -L PORT:127.0.0.1:PORT) unless the network is yours alone.", file=sys.stderr)
+
+
 def cmd_tracker(args: argparse.Namespace) -> int:
     from . import rpc
 
+    _warn_if_open(args.host, "tracker")
     tr = rpc.start_tracker(host=args.host, port=args.port)
     print(f"RPC tracker listening on {tr.host}:{tr.port} (Ctrl-C to stop)")
     if args.host in ("127.0.0.1", "localhost"):
@@ -42,7 +51,10 @@ def _public(host: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import rpc
 
+    _warn_if_open(args.host, "RPC server")
     tracker = rpc.parse_host_port(args.tracker) if args.tracker else None
+    if tracker is not None:
+        rpc.wait_for_tracker(tracker, args.wait_tracker, log=print)
     srv = rpc.start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
                            load_library=args.load_library)
     where = f"registered with tracker {tracker[0]}:{tracker[1]} as '{args.key}'" if tracker else "no tracker"
@@ -73,8 +85,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
+    from . import rpc
     from .emulate import main as emulate_main
 
+    if args.tracker:
+        rpc.wait_for_tracker(rpc.parse_host_port(args.tracker), args.wait_tracker, log=print)
     return int(emulate_main(kind=args.kind, tracker=args.tracker, key=args.key) or 0)
 
 
@@ -93,6 +108,8 @@ def register_cli(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--load-library", action="append", help="extra runtime library to load")
+    p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",
+                   help="keep retrying an unreachable tracker this long, with backoff (default 120)")
     p.set_defaults(func=cmd_serve)
 
     p = dp.add_parser("list", help="keys registered at a tracker, with free/busy counts")
@@ -104,5 +121,7 @@ def register_cli(sub) -> None:
     p.add_argument("kind", choices=sorted(KINDS))
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
+    p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",
+                   help="keep retrying an unreachable --tracker this long, with backoff (default 120)")
     p.set_defaults(func=cmd_emulate)
 

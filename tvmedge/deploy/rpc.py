@@ -344,6 +344,10 @@ def _launch(cls, argv: Sequence[str], *, host: str, port: int, env: dict[str, st
         except OSError as e:
             shutil.rmtree(workdir, ignore_errors=True)
             raise TvmedgeError(f"cannot start {argv[0]} ({_os_reason(e)})") from None
+    # If this process is killed (SIGKILL skips every clean-up), the group must not live on.
+    subprocess.Popen([sys.executable, "-m", "tvmedge.deploy.orphan_guard", str(os.getpid()), str(popen.pid)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
     return cls(popen, host, port, workdir, log_path, **(extra or {}))
 
 
@@ -424,6 +428,27 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, *, timeout: 
         except _StartFailed as e:
             if not (e.port_taken and port in (None, 0) and attempts < 5):
                 raise
+
+
+def wait_for_tracker(tracker: HostPort | str, timeout: float = 120.0, log=None) -> None:
+    """Wait, retrying with exponential backoff (0.5 s doubling to 8 s), until the tracker
+    answers, as a board that boots before its tracker does; TvmedgeError after ``timeout``."""
+    tracker = as_host_port(tracker)
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    said = False
+    while True:
+        try:
+            tracker_summary(tracker, 2.0)
+            return
+        except TvmedgeError as e:
+            if time.monotonic() + delay > deadline:
+                raise TvmedgeError(f"{e} (waited {timeout:.0f} s)") from None
+            if log is not None and not said:
+                log(f"waiting for the RPC tracker at {format_host_port(tracker)} ({e}); retrying for up to {timeout:.0f} s")
+                said = True
+        time.sleep(delay)
+        delay = min(delay * 2, 8.0)
 
 
 def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.1", port: int | None = None,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..errors import TvmedgeError
 from ..frontend import ImportedModel
 from .data import Dataset
 
@@ -37,6 +38,26 @@ class HostRunner:
         out = self.vm["main"](*args)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return [o.numpy() for o in outs]
+
+
+def nonfinite_weights(mod) -> int:
+    """How many NaN/Inf values the module's float constants hold (ReLU's max() hides them in outputs)."""
+    import tvm
+    from tvm import relax
+
+    count = 0
+
+    def visit(expr) -> None:
+        nonlocal count
+        if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):  # not IntImm
+            value = expr.value.numpy()
+            if np.issubdtype(value.dtype, np.floating):
+                count += int(np.count_nonzero(~np.isfinite(value)))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return count
 
 
 def outputs_over(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], data: Dataset,
@@ -82,9 +103,19 @@ def mean_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
 def check(original: ImportedModel, rewritten: ImportedModel, data: Dataset, eval_data: Dataset | None = None,
           limit: int = 64, ref_runner: HostRunner | None = None) -> dict[str, Any]:
     """Numerics of ``rewritten`` against ``original`` on ``data`` and, given ``eval_data``, both metrics."""
+    bad_weights = nonfinite_weights(original.mod)
+    if bad_weights:
+        raise TvmedgeError(f"the original model has {bad_weights} NaN/Inf weight values: nothing to check a rewrite against")
     ref_run = ref_runner or HostRunner(original)
     new_run = HostRunner(rewritten)
-    out: dict[str, Any] = errors(outputs_over(ref_run, data, limit), outputs_over(new_run, data, limit))
+    ref_out, new_out = outputs_over(ref_run, data, limit), outputs_over(new_run, data, limit)
+    # NaN compares false with everything: max() would report an error of 0 for a NaN model.
+    for which, outs in (("original", ref_out), ("rewritten", new_out)):
+        bad = sum(int(np.count_nonzero(~np.isfinite(o))) for o in outs if np.issubdtype(o.dtype, np.floating))
+        if bad:
+            raise TvmedgeError(f"the {which} model gives {bad} NaN/Inf output values on the check data"
+                               + (" (its weights or the data are not finite)" if which == "original" else ""))
+    out: dict[str, Any] = errors(ref_out, new_out)
     out["samples"] = min(limit, len(data))
     if eval_data is not None and eval_data.labels is not None:
         before = score(outputs_over(ref_run, eval_data), eval_data)

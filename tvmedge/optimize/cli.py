@@ -11,12 +11,12 @@ until the drop is within bounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
 from ..errors import TvmedgeError
+from ..jsonio import dumps
 from ..frontend import ImportedModel
 
 
@@ -62,6 +62,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise TvmedgeError(f"--lowrank-flops takes a FLOP ratio in (0, 1), got {args.lowrank_flops}")
     if args.max_drop is not None and not args.eval:
         raise TvmedgeError("--max-drop needs labelled data to measure the drop on: --eval DATA")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise TvmedgeError(f"--max-drop is a drop in points, 0 or more, got {args.max_drop}")
+    if args.calib_size is not None and args.calib_size < 1:
+        raise TvmedgeError(f"--calib-size takes a number of samples, 1 or more, got {args.calib_size}")
+    if args.finetune_steps < 0:
+        raise TvmedgeError(f"--finetune-steps takes 0 or more steps, got {args.finetune_steps}")
+    if args.compact_max_error is not None and args.compact_max_error <= 0:
+        raise TvmedgeError(f"--compact-max-error must be positive, got {args.compact_max_error}")
 
 
 def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: bool = True) -> tuple[ImportedModel, dict[str, Any]]:
@@ -164,7 +172,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report.update(model=os.path.basename(args.model), output=args.output,
                   bytes_before=os.path.getsize(args.model), bytes_after=os.path.getsize(args.output))
     if args.json:
-        print(json.dumps(report, default=float))
+        print(dumps(report))
     else:
         print_report(report)
         print(f"wrote {args.output}")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import TvmedgeError
+from ..jsonio import dumps
 
 
 @contextlib.contextmanager
@@ -47,9 +48,10 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
             # TMPDIR: each server's sessions work under its own folder, which is how the
             # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
+            tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
+            stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
             srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1),
-                                        "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-dev-")})
+                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
             stack.callback(srv.stop)
             yield (tr.host, tr.port), key, 1, False
         elif device.emulator:
@@ -118,7 +120,7 @@ def run_tune(args: argparse.Namespace) -> int:
             report["latency_ms"] = {"tuned": tuned["latency_ms"], "untuned": untuned["latency_ms"]}
             report["onnxruntime_ms"] = _onnxruntime_here(args.model, model, device, tuned["outputs"], report)
     if args.json:
-        print(json.dumps(report))
+        print(dumps(report))
         return 0
     tag = " (emulated)" if report["emulated"] else ""
     table = Table(title=f"tasks of {report['model']} on {device.name}{tag}")

@@ -14,6 +14,7 @@ On top of MetaSchedule, tvmedge adds:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -239,11 +240,13 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
             db.state["last_run"]["completed"] = True
         db.state["last_run"]["seconds"] = round(time.perf_counter() - t0, 1)
         db.sync()
+        used = devices_used(device_log)
+        shutil.rmtree(device_log.parent, ignore_errors=True)
         report = {
             "model": os.path.basename(model.source), "target": device.name, "database": str(db_dir),
             "trials_budget": trials, "trials_run": sum(i.trials for i in tasks),
             "trials_per_iter": per_iter, "tuning_seconds": round(time.perf_counter() - t0, 1),
-            "devices_used": devices_used(device_log), "devices_available": n_devices, "emulated": emulated,
+            "devices_used": used, "devices_available": n_devices, "emulated": emulated,
             "tasks": [{"name": i.name, "weight": i.weight, "flops": i.flops, "trials": i.trials,
                        "trials_total": i.prior_trials + i.trials, "best_us": i.best_us, "default_us": i.default_us,
                        "gflops": i.gflops, "status": i.status} for i in tasks],

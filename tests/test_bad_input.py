@@ -1,0 +1,214 @@
+"""Bad input a new user can give (issue 11's probe): one clear line and a non-zero exit, never a
+native crash, a silent wrong answer or a file left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tvmedge import zoo
+from tvmedge.cli import main
+
+PY = [sys.executable, "-m", "tvmedge"]
+
+
+def cli_proc(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*PY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("digits")
+    onnx_path = zoo.export("digits-cnn", d / "digits.onnx")
+    assert main(["compile", str(onnx_path), "-o", str(d / "digits.tar")]) == 0
+    return onnx_path, d / "digits.tar"
+
+
+def test_truncated_library_is_refused_before_loading(digits, tmp_path):
+    _, tar = digits
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path / "b", filter="data")
+    lib = tmp_path / "b" / "model.so"
+    lib.write_bytes(lib.read_bytes()[:1000])
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as t:
+        t.add(lib, arcname="model.so")
+        t.add(tmp_path / "b" / "metadata.json", arcname="metadata.json")
+    proc = cli_proc("run", str(bad))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)  # not SIGBUS (-7) / SIGSEGV
+    assert "damaged" in one_error_line(proc.stderr)
+
+
+def test_broken_metadata_is_one_line(digits, tmp_path):
+    _, tar = digits
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path / "b", filter="data")
+    (tmp_path / "b" / "metadata.json").write_text("{not json")
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as t:
+        t.add(tmp_path / "b" / "model.so", arcname="model.so")
+        t.add(tmp_path / "b" / "metadata.json", arcname="metadata.json")
+    proc = cli_proc("run", str(bad))
+    assert proc.returncode == 1 and "not valid JSON" in one_error_line(proc.stderr)
+
+
+def _save(model: onnx.ModelProto, path) -> str:
+    path.write_bytes(model.SerializeToString())
+    return str(path)
+
+
+def test_malformed_einsum_is_refused_not_a_segfault(tmp_path):
+    node = helper.make_node("Einsum", ["x"], ["y"], equation="ij->k")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "e.onnx")
+    proc = cli_proc("compile", path, "-o", str(tmp_path / "e.tar"))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "invalid ONNX model" in one_error_line(proc.stderr)
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_resize_antialias_is_refused(tmp_path, capsys):
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 0.5, 0.5])
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", antialias=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], [scales])
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "r.onnx")
+    assert main(["compile", path, "-o", str(tmp_path / "r.tar")]) == 1
+    assert "antialias=1" in one_error_line(capsys.readouterr().err)
+
+
+def test_nan_weights_fail_the_check_and_json_stays_valid(digits, tmp_path, capsys):
+    onnx_path, _ = digits
+    model = onnx.load(str(onnx_path))
+    w = model.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] = np.nan
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    path = _save(model, tmp_path / "nan.onnx")
+    rc = main(["optimize", path, "-o", str(tmp_path / "q.relax"), "--quantize", "int8", "--calib", "digits",
+               "--calib-size", "16", "--json"])
+    out = capsys.readouterr()
+    assert rc == 1 and "NaN/Inf" in one_error_line(out.err)
+    assert "NaN" not in out.out
+    from tvmedge.jsonio import dumps
+
+    assert json.loads(dumps({"x": float("nan"), "y": [np.float32(1.5), float("inf")]})) == {"x": None, "y": [1.5, None]}
+
+
+def test_inputs_npy_casts_extras_and_names_are_said(digits, tmp_path, capsys):
+    _, tar = digits
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8))  # float64
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(tar), "--inputs", str(tmp_path / "x.npy"), "--repeat", "1"]) == 0
+    assert "float64 cast" in capsys.readouterr().err
+    np.savez(tmp_path / "x.npz", image=x.astype("float32"))  # wrong name, used by position
+    assert main(["run", str(tar), "--inputs", str(tmp_path / "x.npz"), "--repeat", "1"]) == 0
+    assert "by position" in capsys.readouterr().err
+    np.savez(tmp_path / "y.npz", input=x.astype("float32"), extra=x)
+    assert main(["run", str(tar), "--inputs", str(tmp_path / "y.npz"), "--repeat", "1"]) == 0
+    assert "not used: extra" in capsys.readouterr().err
+    np.savez(tmp_path / "w.npz", input=x.astype("complex64"))  # no float32 reading of complex values
+    assert main(["run", str(tar), "--inputs", str(tmp_path / "w.npz"), "--repeat", "1"]) == 1
+    assert "takes float32" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--quantize", "int8", "--calib", "digits", "--eval", "digits", "--max-drop", "-1"], "--max-drop"),
+    (["--quantize", "int8", "--calib", "digits", "--calib-size", "-5"], "--calib-size"),
+])
+def test_negative_budgets_are_refused(digits, tmp_path, capsys, flags, words):
+    onnx_path, _ = digits
+    assert main(["optimize", str(onnx_path), "-o", str(tmp_path / "o.relax"), *flags]) == 1
+    assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_unknown_mcpu_is_refused(digits, tmp_path, capsys):
+    onnx_path, _ = digits
+    target = json.dumps({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "notacpu"})
+    assert main(["compile", str(onnx_path), "-o", str(tmp_path / "o.tar"), "--target", target]) == 1
+    err = capsys.readouterr().err
+    assert "knows no CPU 'notacpu'" in one_error_line(err) and "llvm_instance" not in err
+
+
+def test_verbose_after_the_verb(digits, tmp_path):
+    proc = cli_proc("run", str(tmp_path / "missing.tar"), "--verbose")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr  # accepted, and it shows the traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_tracker_command_leaves_no_process_on_its_port(sig):
+    port = _free_port()
+    proc = subprocess.Popen([*PY, "device", "tracker", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "listening" in proc.stdout.readline()
+        assert not _port_free(port)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _port_free(port):
+            time.sleep(0.2)
+        assert _port_free(port), "the rpc_tracker child outlived its tvmedge process"
+    finally:
+        proc.kill()
+
+
+def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
+    from tvmedge.deploy import rpc
+
+    port = _free_port()
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    srv = subprocess.Popen([*PY, "device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", "late"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert "waiting for the RPC tracker" in srv.stdout.readline()
+        time.sleep(2)
+        tr = rpc.start_tracker(port=port)
+        try:
+            deadline = time.monotonic() + 60
+            keys = []
+            while time.monotonic() < deadline:
+                keys = [d["key"] for d in rpc.list_devices(("127.0.0.1", port))]
+                if "late" in keys:
+                    break
+                time.sleep(0.5)
+            assert "late" in keys
+        finally:
+            srv.send_signal(signal.SIGINT)
+            srv.wait(timeout=30)
+            tr.stop()
+    finally:
+        srv.kill()
