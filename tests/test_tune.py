@@ -186,3 +186,48 @@ def test_tune_errors(digits_onnx, tmp_path):
     proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--rpc-tracker", "127.0.0.1:1",
                    "--rpc-key", "pi4")
     assert proc.returncode != 0 and "127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits_onnx, tmp_path):
+    """An interrupted run's state says how many trials each task had when it started; resume
+    spends what is left on the tasks that got none (MetaSchedule's scheduler would give it to
+    the tasks it already knows, leaving some with no record while the state said completed)."""
+    db = tmp_path / "db"
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    first = {t["name"]: t["trials"] for t in json.loads(proc.stdout)["tasks"]}
+    reached = {n for n, k in first.items() if k}
+    assert reached and len(reached) < len(first)
+    # Make it an interrupted run of 12 trials that started from nothing.
+    state = json.loads((db / STATE).read_text())
+    state["last_run"].update(completed=False, trials=12,
+                             start_trials={k: 0 for k in state["last_run"]["start_trials"]})
+    for st in state["tasks"].values():
+        st["finished"] = False
+    (db / STATE).write_text(json.dumps(state))
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--resume", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    second = {t["name"]: t["trials"] for t in json.loads(proc.stdout)["tasks"]}
+    assert all(second[n] == 0 for n in reached)
+    assert any(second[n] > 0 for n in first if n not in reached)
+    assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
+
+
+def test_damaged_state_file_does_not_stop_compile_or_tune(digits_onnx, tmp_path):
+    db = tmp_path / "db"
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    records = record_lines(db)
+    text = (db / STATE).read_text()
+    (db / STATE).write_text(text[: len(text) // 2])  # a half-written state file
+    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "m.tar"), "--tuning-db", str(db), "--json")
+    assert proc.returncode == 0 and "damaged" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["schedules"]["tuned"] > 0
+    # A torn record line is left out with a warning, not an error pointing at --resume.
+    (db / RECORDS).write_text((db / RECORDS).read_text() + records[-1][: len(records[-1]) // 2])
+    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "m2.tar"), "--tuning-db", str(db))
+    assert proc.returncode == 0 and "damaged line" in proc.stderr, proc.stderr
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    assert (db / f"{STATE}.damaged").exists() and json.loads((db / STATE).read_text())["last_run"]["completed"]
+    assert record_lines(db)[: len(records)] == records  # repaired: the torn line is gone, nothing else

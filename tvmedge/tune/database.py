@@ -55,6 +55,12 @@ def _valid_lines(path: Path) -> list[bytes]:
     return lines
 
 
+def _warn(line: str) -> None:
+    import sys
+
+    print(f"warning: {line}", file=sys.stderr)
+
+
 class TuningDatabase:
     """A tuning-database directory opened for reading, or for writing under a lock."""
 
@@ -80,9 +86,19 @@ class TuningDatabase:
         p = self.path / STATE
         if p.exists():
             try:
-                return json.loads(p.read_text())
-            except ValueError:
-                raise TvmedgeError(f"{p} is not valid JSON") from None
+                state = json.loads(p.read_text())
+                if isinstance(state, dict) and isinstance(state.get("tasks"), dict):
+                    return state
+            except (ValueError, UnicodeDecodeError):
+                pass
+            # The records are what matters and they are intact: carry on without the
+            # bookkeeping (tasks already tuned get tuned again, from their records).
+            if self.write:
+                aside = p.with_name(f"{STATE}.damaged")
+                os.replace(p, aside)
+                _warn(f"{p} was damaged (kept as {aside.name}); trial counts start again, the records are kept")
+            else:
+                _warn(f"{p} is damaged; compiling with the records alone")
         return {"version": 1, "tasks": {}, "last_run": None}
 
     def save_state(self) -> None:
@@ -119,17 +135,25 @@ class TuningDatabase:
 
         for name in (WORKLOADS, RECORDS):
             lines = _valid_lines(self.path / name)
-            if (self.path / name).exists() and len(lines) != len([ln for ln in (self.path / name).read_bytes().splitlines() if ln.strip()]):
-                raise TvmedgeError(f"{self.path / name} has damaged lines; run `tvmedge tune --resume` to repair it")
+            total = len([ln for ln in (self.path / name).read_bytes().splitlines() if ln.strip()]) \
+                if (self.path / name).exists() else 0
+            if total != len(lines):
+                if name == WORKLOADS:  # record lines point into this file by position
+                    raise TvmedgeError(f"{self.path / name} has {total - len(lines)} damaged line(s): the records "
+                                       "cannot be matched to their workloads; restore it or tune into a new directory")
+                _warn(f"{self.path / name}: {total - len(lines)} damaged line(s) left out (a torn write); "
+                      "the next `tvmedge tune` on this directory rewrites it without them")
+                return self._open_skipping_bad_records(lines)
         try:
             return ms.database.JSONDatabase(path_workload=str(self.path / WORKLOADS),
                                             path_tuning_record=str(self.path / RECORDS), allow_missing=False)
         except Exception:  # noqa: BLE001 - a record whose trace does not replay fails the whole load
             return self._open_skipping_bad_records()
 
-    def _open_skipping_bad_records(self):
+    def _open_skipping_bad_records(self, record_lines: list[bytes] | None = None):
         """The database less the records TVM refuses to load (a trace that no longer replays
-        on its workload): each record is tried alone; the user's files are not touched.
+        on its workload): all records together first, else each alone; the user's files are
+        not touched.
         ``self.skipped`` counts what was left out; those kernels fall back to default rules."""
         import tempfile
 
@@ -139,16 +163,19 @@ class TuningDatabase:
         try:
             workloads = (self.path / WORKLOADS).read_bytes()
             (work / WORKLOADS).write_bytes(workloads)
-            good = []
-            for line in _valid_lines(self.path / RECORDS):
-                (work / RECORDS).write_bytes(line + b"\n")
+            lines = _valid_lines(self.path / RECORDS) if record_lines is None else record_lines
+
+            def loads(chunk: list[bytes]) -> bool:
+                (work / RECORDS).write_bytes(b"".join(line + b"\n" for line in chunk))
                 try:
                     ms.database.JSONDatabase(path_workload=str(work / WORKLOADS),
                                              path_tuning_record=str(work / RECORDS), allow_missing=False)
-                    good.append(line)
+                    return True
                 except Exception:  # noqa: BLE001
-                    continue
-            self.skipped = len(_valid_lines(self.path / RECORDS)) - len(good)
+                    return False
+
+            good = lines if loads(lines) else [line for line in lines if loads([line])]
+            self.skipped = len(lines) - len(good)
             (work / RECORDS).write_bytes(b"".join(line + b"\n" for line in good))
             db = ms.database.JSONDatabase(path_workload=str(work / WORKLOADS),
                                           path_tuning_record=str(work / RECORDS), allow_missing=False)

@@ -217,11 +217,23 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
                 info.status = "reused"
             else:
                 todo.append((t, info))
-        spent_before = sum(i.prior_trials for _, i in todo)
-        budget = max(0, trials - (spent_before if resume else 0))
+        if resume:
+            # What the interrupted run spent, task by task, from the trial counts it started with.
+            start = last.get("start_trials") or {i.key: 0 for _, i in todo}
+            spent = {i.key: max(0, i.prior_trials - start.get(i.key, i.prior_trials)) for _, i in todo}
+            budget = max(0, trials - sum(spent.values()))
+            # The tasks the interrupted run never reached come first: otherwise MetaSchedule's
+            # scheduler hands the rest of the budget to the tasks it already knows, and a task
+            # can end with no record at all.
+            untouched = [(t, i) for t, i in todo if i.key in start and spent[i.key] == 0]
+            if untouched and budget > 0:
+                todo = untouched
+        else:
+            start = {i.key: i.prior_trials for _, i in todo}
+            budget = trials
         db.state["last_run"] = {"model": os.path.basename(model.source), "model_sha256": model.sha256,
                                 "target": device.name, "trials": trials, "completed": False,
-                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_trials": start}
         db.save_state()
 
         per_iter = trials_per_iter or max(4, min(64, budget // max(1, 2 * len(todo)) or 4))
