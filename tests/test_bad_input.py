@@ -212,3 +212,56 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
             tr.stop()
     finally:
         srv.kill()
+
+
+def test_served_board_recovers_after_its_server_dies_and_stays_during_sessions():
+    import psutil
+
+    from tvmedge.deploy import rpc
+
+    with rpc.start_tracker() as tr:
+        addr = rpc.format_host_port(tr.addr)
+        serve = subprocess.Popen([*PY, "device", "serve", "--tracker", addr, "--key", "phoenix"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "TVM_NUM_THREADS": "1"})
+        try:
+            def registered() -> bool:
+                return any(d["key"] == "phoenix" and d["total"] > 0 for d in rpc.list_devices(tr.addr))
+
+            deadline = time.monotonic() + 60
+            while not registered() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert registered()
+            # A session held for longer than the supervisor's patience does not get the server restarted.
+            sess = rpc.connect(tracker=tr.addr, key="phoenix", timeout=30)
+            time.sleep(12)
+            assert sess.cpu(0).exist
+            del sess
+            def servers() -> list:
+                found = []
+                for p in psutil.Process(serve.pid).children(recursive=True):
+                    try:
+                        if p.status() != psutil.STATUS_ZOMBIE and "tvm.exec.rpc_server" in " ".join(p.cmdline()):
+                            found.append(p)
+                    except psutil.Error:
+                        continue
+                return found
+
+            first = servers()
+            assert first
+            for p in first:
+                p.kill()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                if registered() and servers() and servers()[0].pid not in {p.pid for p in first}:
+                    break
+            assert registered(), "the board did not come back"
+        finally:
+            serve.send_signal(signal.SIGINT)
+            try:
+                out, _ = serve.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                out, _ = serve.communicate()
+    assert "restarted: its process exited" in out and out.count("restarted") == 1, out

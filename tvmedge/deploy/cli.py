@@ -55,18 +55,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tracker = rpc.parse_host_port(args.tracker) if args.tracker else None
     if tracker is not None:
         rpc.wait_for_tracker(tracker, args.wait_tracker, log=print)
-    srv = rpc.start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
-                           load_library=args.load_library)
+
+    def start():
+        return rpc.start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
+                                load_library=args.load_library)
+
+    srv = start()
     where = f"registered with tracker {tracker[0]}:{tracker[1]} as '{args.key}'" if tracker else "no tracker"
     print(f"RPC server on {srv.host}:{srv.port}, {where} (Ctrl-C to stop)")
     print("  to start the same on a device (TVM runtime installed there):")
     print(f"    python -m tvm.exec.rpc_server --host {args.host} --port {args.port or 9090}"
           + (f" --tracker {tracker[0]}:{tracker[1]} --key {args.key}" if tracker else ""))
+    if tracker is None:
+        try:
+            _wait_forever("server")
+        finally:
+            srv.stop()
+    else:
+        _supervise(srv, start, tracker, args.key)
+    return 0
+
+
+def _supervise(srv, start, tracker, key: str, every_s: float = 3.0, misses_allowed: int = 3) -> None:
+    """Keep the board on the tracker, as a real board's service would: a server whose
+    process died, or that dropped off the tracker (its session worker was killed), is
+    restarted. Returns on Ctrl-C, with the server stopped."""
+    from . import rpc
+
+    misses = 0
     try:
-        _wait_forever("server")
+        while True:
+            time.sleep(every_s)
+            registered = rpc.server_registered(tracker, key, srv.port)
+            misses = 0 if registered is not False and srv.alive() else misses + 1
+            if not srv.alive() or misses >= misses_allowed:
+                why = "its process exited" if not srv.alive() else "it dropped off the tracker"
+                print(f"RPC server '{key}' restarted: {why}", flush=True)
+                srv.stop()
+                srv = start()
+                misses = 0
+    except KeyboardInterrupt:
+        print("\nstopping server")
     finally:
         srv.stop()
-    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

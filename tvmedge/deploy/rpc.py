@@ -167,6 +167,14 @@ def _servers_by_key(summary: Mapping[str, Any]) -> dict[str, list[HostPort]]:
     return out
 
 
+def server_registered(tracker: HostPort | str, key: str, port: int) -> bool | None:
+    """Whether the server on ``port`` is registered under ``key`` (None: tracker unreachable)."""
+    try:
+        return any(a[1] == port for a in _servers_by_key(tracker_summary(tracker, 2.0)).get(key, []))
+    except TvmedgeError:
+        return None
+
+
 def list_devices(tracker: HostPort | str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Devices registered at the tracker, one entry per key.
 
