@@ -44,7 +44,35 @@ def prepare(mod: tvm.IRModule, target) -> tvm.IRModule:
         relax.transform.DeadCodeElimination(),
     ]
     with tvm.target.Target(target):
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(mod)
+    return _drop_unknown_schedule_rules(mod, tvm.target.Target(target))
+
+
+def _drop_unknown_schedule_rules(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Remove blocks' ``schedule_rule`` annotations that name no rule registered for the
+    target (TOPI's pooling asks for ``meta_schedule.pool_max``, which TVM 0.27 no longer
+    has): MetaSchedule printed a C++ warning for each of them into tvmedge's output."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    keys = [str(k) for k in target.keys]
+    out = None
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        changed = False
+        for block in sch.get_child_blocks(get_root_block(sch)):
+            rule = sch.get(block).annotations.get("schedule_rule")
+            if rule is None or str(rule) == "None":
+                continue
+            if not any(tvm.get_global_func(f"s_tir.meta_schedule.{k}.{rule}", allow_missing=True) for k in keys):
+                sch.unannotate(block, "schedule_rule")
+                changed = True
+        if changed:
+            out = out or tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+            out[gv] = sch.mod["main"].with_attrs(func.attrs)
+    return out or mod
 
 
 @dataclass
