@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import TvmedgeError
+from .errors import TvmedgeError, first_line
 from .frontend import ImportedModel, file_sha256
 from .target import Device
 
@@ -42,8 +42,7 @@ def prepare(model: ImportedModel, device: Device) -> ImportedModel:
     try:
         return apply(model, device.target)
     except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first.strip()}") from e
+        raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first_line(e)}") from e
 
 
 def build_executable(model: ImportedModel, device: Device,
@@ -63,8 +62,7 @@ def build_executable(model: ImportedModel, device: Device,
     except TvmedgeError:
         raise
     except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise TvmedgeError(f"compilation for {device.name} failed: {first.strip()}") from e
+        raise TvmedgeError(f"compilation for {device.name} failed: {first_line(e)}") from e
 
 
 def lower(model: ImportedModel, device: Device, tuning_db: str | os.PathLike | list | None = None):
@@ -81,8 +79,7 @@ def export_library(executable, device: Device, path: str | os.PathLike) -> None:
         else:
             executable.export_library(str(path), fcompile=fcompile)
     except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise TvmedgeError(f"linking the library for {device.name} failed: {first.strip()}") from e
+        raise TvmedgeError(f"linking the library for {device.name} failed: {first_line(e)}") from e
 
 
 def metadata(model: ImportedModel, device: Device, tuning_db: str | None, seconds: float) -> dict[str, Any]:

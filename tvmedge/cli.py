@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .errors import TvmedgeError
+from .errors import TvmedgeError, first_line
 from .jsonio import dumps
 
 
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an unexpected failure: still one line unless --verbose
         if args.verbose:
             raise
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        print(f"error: {type(e).__name__}: {first} (run with --verbose for details)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {first_line(e)} (run with --verbose for details)", file=sys.stderr)
         return 2
 
 

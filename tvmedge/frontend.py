@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TvmedgeError
+from .errors import TvmedgeError, first_line
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite", ".relax": "relax"}
 RELAX_FILE_VERSION = 1
@@ -140,7 +140,7 @@ def _load_relax(path: Path, shapes: dict[str, list[int]]) -> ImportedModel:
             meta = json.loads(z.read("model.json"))
             mod = tvm.ir.load_json(z.read("module.json").decode())
     except Exception as e:
-        raise TvmedgeError(f"cannot read Relax model {path.name} (corrupt or truncated?): {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot read Relax model {path.name} (corrupt or truncated?): {first_line(e)}") from None
     if meta.get("version") != RELAX_FILE_VERSION:
         raise TvmedgeError(f"{path.name} is a version {meta.get('version')} .relax file; "
                            f"this tvmedge reads version {RELAX_FILE_VERSION}")
@@ -173,7 +173,7 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
     try:
         model = onnx.load(str(path))
     except Exception as e:
-        raise TvmedgeError(f"cannot read ONNX model {path.name} (corrupt or truncated?): {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot read ONNX model {path.name} (corrupt or truncated?): {first_line(e)}") from None
     graph = model.graph
     if not graph.node:
         raise TvmedgeError(f"ONNX model {path.name} has an empty graph (corrupt or not a model?)")
@@ -188,7 +188,7 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
         # equation does not fit its inputs, say) crashed TVM's importer natively.
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise TvmedgeError(f"invalid ONNX model {path.name}: {_first_line(e)}") from None
+        raise TvmedgeError(f"invalid ONNX model {path.name}: {first_line(e)}") from None
     ignored = _ignored_attributes(graph)
     if ignored:
         raise TvmedgeError(f"unsupported ONNX attribute(s) in {path.name}: {', '.join(ignored)} "
@@ -210,7 +210,7 @@ def _load_onnx(path: Path, shapes: dict[str, list[int]]):
         mod = from_onnx(model, shape_dict={i.name: i.shape for i in inputs},
                         dtype_dict={i.name: i.dtype for i in inputs}, keep_params_in_input=False)
     except Exception as e:
-        raise TvmedgeError(f"cannot import ONNX model {path.name} into Relax: {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot import ONNX model {path.name} into Relax: {first_line(e)}") from None
     rewrites = [{"rewrite": "onnx-shape-fold", "nodes": folded}] if folded else []
     return mod, inputs, [o.name for o in graph.output], rewrites
 
@@ -418,7 +418,7 @@ def _load_pt2(path: Path, shapes: dict[str, list[int]]):
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
-        raise TvmedgeError(f"cannot read PyTorch exported program {path.name}: {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot read PyTorch exported program {path.name}: {first_line(e)}") from None
     finally:
         export_log.setLevel(level)
     from tvm import relax, tirx
@@ -427,13 +427,13 @@ def _load_pt2(path: Path, shapes: dict[str, list[int]]):
     try:
         mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
     except AssertionError as e:
-        msg = _first_line(e)
+        msg = first_line(e)
         m = re.search(r"Unsupported function types \[(.*)\]", msg)
         if m:
             raise TvmedgeError(f"unsupported PyTorch operator(s) in {path.name}: {m.group(1)}") from None
         raise TvmedgeError(f"cannot import {path.name} into Relax: {msg}") from None
     except Exception as e:
-        raise TvmedgeError(f"cannot import {path.name} into Relax: {_first_line(e)}") from None
+        raise TvmedgeError(f"cannot import {path.name} into Relax: {first_line(e)}") from None
     user_inputs = [s.arg.name for s in ep.graph_signature.input_specs
                    if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     params = list(mod["main"].params)
@@ -478,7 +478,7 @@ def _load_tflite(path: Path, shapes: dict[str, list[int]]):
         out_names = [sub.Tensors(sub.Outputs(i)).Name().decode() for i in range(sub.OutputsLength())]
     except Exception as e:
         raise TvmedgeError(f"cannot read TFLite model {path.name} (corrupt or truncated?): "
-                           f"{_first_line(e)}") from None
+                           f"{first_line(e)}") from None
     enum = getattr(tflite.TensorType, "TensorType", tflite.TensorType)  # class, or module in old tflite
     type_names = {v: k.lower() for k, v in vars(enum).items() if not k.startswith("_")}
     inputs: list[TensorSpec] = []
@@ -494,7 +494,7 @@ def _load_tflite(path: Path, shapes: dict[str, list[int]]):
         mod = from_tflite(model, shape_dict={i.name: i.shape for i in inputs},
                           dtype_dict={i.name: i.dtype for i in inputs})
     except Exception as e:
-        msg = _first_line(e)
+        msg = first_line(e)
         m = re.search(r"not supported[^:]*:?\s*(.*)", msg, re.I)
         if m and "operator" in msg.lower():
             raise TvmedgeError(f"unsupported TFLite operator(s) in {path.name}: {m.group(1) or msg}") from None
@@ -505,12 +505,6 @@ def _load_tflite(path: Path, shapes: dict[str, list[int]]):
 
 
 # ---------------------------------------------------------------- helpers
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "") if text else ""
-    return line or type(e).__name__
-
-
 def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
     from tvm import relax
 

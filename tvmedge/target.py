@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TvmedgeError
+from .errors import TvmedgeError, first_line
 from .resources import data_dir
 
 # Cross compilers by the target triple's architecture, for tags and JSON targets.
@@ -102,8 +102,7 @@ def _make_target(spec: Any, what: str):
     try:
         target = Target(spec)
     except Exception as e:  # TVM raises ValueError / TVMError with long texts
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TvmedgeError(f"invalid target {what}: {first}") from None
+        raise TvmedgeError(f"invalid target {what}: {first_line(e)}") from None
     _check_cpu(target, what)
     return target
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import TvmedgeError
+from ..errors import TvmedgeError, first_line
 
 DEFAULT_TRACKER_PORTS = range(9190, 9200)  # TVM's default tracker range
 _WILDCARDS = ("", "0.0.0.0", "::")
@@ -531,15 +531,6 @@ def _in_thread(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any, BaseEx
     return True, box.get("value"), box.get("error")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:  # TVM errors: the "Check failed ..." / message line, not the traceback
-        if not ln.startswith(("File ", "Traceback", "File \"", "at ", "0:", "1:")) and "Traceback" not in ln:
-            return ln
-    return lines[0] if lines else type(err).__name__
-
-
 def _release_dropped_sessions() -> None:
     """Close this process's own sessions that are dropped but not yet collected.
 
@@ -560,7 +551,7 @@ def _session_connect(url: str, port: int, key: str, session_timeout: float, time
         raise TvmedgeError(f"RPC server at {where} did not answer within {timeout:.0f} s "
                            "(busy with another session, or hung)")
     if err is not None:
-        msg = _first_line(err)
+        msg = first_line(err)
         if "Connect to" in msg and "failed" in msg:
             raise TvmedgeError(f"cannot reach RPC server at {where} (connection refused)") from None
         if "mismatch" in msg.lower() or "matches key" in msg:

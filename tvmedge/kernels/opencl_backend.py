@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from . import kernel_source
+from ..errors import first_line
 from . import pack as _pack
 from .pack import PackedConvWeight
 
@@ -53,7 +54,7 @@ def available() -> tuple[bool, str]:
     try:
         st = _init()
     except Exception as e:
-        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return False, f"{type(e).__name__}: {first_line(e)}"
     d = st["device"]
     return True, f"{d.platform.name} / {d.name} ({d.max_compute_units} compute units)"
 

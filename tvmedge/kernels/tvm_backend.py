@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import first_line
 from . import pack as _pack
 from .pack import PackedConvWeight
 
@@ -82,7 +83,7 @@ def available() -> tuple[bool, str]:
 
         _kernel(MR, NRV, 1)
     except Exception as e:
-        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return False, f"{type(e).__name__}: {first_line(e)}"
     return True, f"tvm {tvm.__version__}, {_host_target()}"
 
 

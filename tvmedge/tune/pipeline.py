@@ -9,8 +9,6 @@ Weights are constants in tvmedge's modules, so MetaSchedule's layout rewrite of 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 # compile (tvmedge/build.py) finds the shipped databases through this module.
 from .shipped import open_databases, schedules_dir, shipped_class_dir, shipped_databases  # noqa: F401

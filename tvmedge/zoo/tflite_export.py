@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import TvmedgeError
+from ..errors import TvmedgeError, first_line
 
 SUPPORTED = ("Conv2d (+BatchNorm2d, ReLU/ReLU6), MaxPool2d, ReLU, ReLU6, flatten -> Linear, Linear")
 
@@ -133,7 +133,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> torch.fx.GraphModu
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:
         raise TvmedgeError(f"cannot trace {type(model).__name__} with torch.fx for TFLite export: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                           f"{first_line(e)}") from None
     with torch.no_grad():
         ShapeProp(gm).propagate(torch.zeros(input_shape, dtype=torch.float32))
     return gm
