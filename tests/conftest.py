@@ -9,6 +9,7 @@ test uses, stay unavailable). Models are built with ``weights=None``: nothing is
 
 from __future__ import annotations
 
+import subprocess
 import types
 
 import pytest
@@ -31,3 +32,49 @@ def import_torchvision() -> types.ModuleType:
 @pytest.fixture(scope="session")
 def torchvision() -> types.ModuleType:
     return import_torchvision()
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 900,
+            in_process: bool = False) -> subprocess.CompletedProcess:
+    """``tvmedge ARGS``: in a fresh interpreter (the default; what a user runs, and safe for
+    commands that crash natively or start servers), or in this process (``in_process``:
+    no interpreter and TVM start-up, for commands whose output is the point).
+    ``check``: fail the test, with both streams, unless it exits 0."""
+    import contextlib
+    import io
+    import sys
+
+    if in_process:
+        from tvmedge.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as e:  # argparse errors
+                rc = e.code if isinstance(e.code, int) else 2
+        proc = subprocess.CompletedProcess(["tvmedge", *args], rc, out.getvalue(), err.getvalue())
+    else:
+        proc = subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True,
+                              timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tvmedge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """An RPC tracker on a free loopback port, for one test module."""
+    from tvmedge.deploy import rpc
+
+    tr = rpc.start_tracker(port=0)
+    yield tr
+    tr.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory):
+    """The trained digits CNN exported to ONNX once per test session."""
+    from tvmedge import zoo
+
+    return zoo.export("digits-cnn", tmp_path_factory.mktemp("digits") / "digits.onnx")

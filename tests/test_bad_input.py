@@ -19,12 +19,13 @@ from onnx import TensorProto, helper
 
 from tvmedge import zoo
 from tvmedge.cli import main
+from conftest import run_cli
 
 PY = [sys.executable, "-m", "tvmedge"]
 
 
-def cli_proc(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*PY, *args], capture_output=True, text=True, timeout=timeout)
+def cli_proc(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args)
 
 
 def one_error_line(stderr: str) -> str:

@@ -4,7 +4,6 @@ digits-bnn, and its lowering to packed XNOR/popcount operators (IR, exactness, h
 from __future__ import annotations
 
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -21,6 +20,7 @@ from tvmedge.build import compile_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
 from tvmedge.zoo.digits import load_split
+from conftest import run_cli
 
 BNN_MIN_ACCURACY = 0.95  # shipped weights: 97.6 % (float digits-cnn: 99.6 %)
 
@@ -167,8 +167,7 @@ def test_artifact_host_and_pi4(digits_bnn, tmp_path) -> None:
 
 def test_cli_export_relax_and_compile(tmp_path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True,
-                              timeout=300)
+        return run_cli(*args, timeout=300)
 
     p = cli("zoo", "export", "digits-bnn", "-o", str(tmp_path / "bnn.relax"))
     assert p.returncode == 0, p.stderr

@@ -16,6 +16,7 @@ from tvmedge.build import compile_model
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
+from conftest import run_cli
 
 ZOO_NAMES = ["digits-cnn", "mobilenet_v2", "resnet18", "lraspp_mbv3"]
 
@@ -25,10 +26,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tvmedge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_cli(*args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ def sysroot():
 
 
 @pytest.fixture(scope="module")
-def tracker():
-    tr = rpc.start_tracker(port=0)
-    yield tr
-    tr.stop()
-
-
-@pytest.fixture(scope="module")
 def pi4(sysroot, tracker):
     dev = EmulatedDevice("pi4", tracker.addr, key=KEY, sysroot=sysroot)
     try:

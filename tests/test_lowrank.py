@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -29,12 +28,11 @@ from tvmedge.optimize.check import HostRunner, check, errors, outputs_over
 from tvmedge.optimize.compact import compact
 from tvmedge.optimize.finetune import RelaxModule, finetune
 from tvmedge.optimize.lowrank import factorize, graph_flops
+from conftest import run_cli
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"tvmedge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_cli(*args, check=True, in_process=True)
 
 
 def count(model, op: str) -> int:

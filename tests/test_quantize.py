@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -26,12 +25,11 @@ from tvmedge.optimize.data import Dataset
 from tvmedge.optimize.observers import (KLObserver, MinMaxObserver, PercentileObserver, PerChannelWeightObserver,
                                         qparams_from_range)
 from tvmedge.optimize.quantize import const_bytes, fold_qdq, has_qdq, int8_ops, quantize
+from conftest import run_cli
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"tvmedge {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run_cli(*args, check=True, in_process=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,6 @@ KEY = f"tvmedge-test-{os.getpid()}"
 
 
 @pytest.fixture(scope="module")
-def tracker():
-    tr = rpc.start_tracker(port=0)
-    yield tr
-    tr.stop()
-
-
-@pytest.fixture(scope="module")
 def servers(tracker):
     started = []
     try:

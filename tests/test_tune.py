@@ -17,10 +17,11 @@ import pytest
 from tvmedge import zoo
 from tvmedge.deploy import rpc
 from tvmedge.tune.database import RECORDS, STATE, WORKLOADS, export_best
+from conftest import run_cli
 
 
 def tvmedge(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tvmedge", *args], capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 def record_lines(db: Path) -> list[str]:
@@ -38,11 +39,6 @@ def assert_valid_database(db: Path) -> int:
     database = ms.database.JSONDatabase(path_workload=str(db / WORKLOADS), path_tuning_record=str(db / RECORDS),
                                         allow_missing=False)
     return len(database)
-
-
-@pytest.fixture(scope="module")
-def digits_onnx(tmp_path_factory) -> Path:
-    return zoo.export("digits-cnn", tmp_path_factory.mktemp("m") / "digits.onnx")
 
 
 def server_env() -> dict[str, str]:
