@@ -54,8 +54,13 @@ def num_cores(target: Target) -> int:
     return max(int(target.attrs.get("num-cores", 1) or 1), 1)
 
 
-def _is_cpu(target: Target) -> bool:
-    return target.kind.name == "llvm"
+def _start(func, target: Target) -> tuple[s_tir.Schedule | None, list | None]:
+    """A schedule of ``func`` and its blocks in dlight's normal form; (None, None) when the
+    rule cannot apply (not a PrimFunc, not a CPU target, not normalizable)."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None, None
+    sch = s_tir.Schedule(func)
+    return sch, normalize_prim_func(sch)
 
 
 def _int(expr) -> int | None:
@@ -151,10 +156,7 @@ class Injective(ScheduleRule):
     """Functions of spatial blocks only: inline into as few loop nests as possible, then parallel + SIMD."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _start(func, target)
         if infos is None or not all(i.is_injective() for i in infos):
             return None
         _inline_all(sch)
@@ -167,10 +169,7 @@ class Parallel(ScheduleRule):
     """The fallback: every top-level block's leading spatial loops on the thread pool."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _start(func, target)
         if infos is None:
             return None
         for info in infos:
@@ -187,10 +186,7 @@ class SpatialReduction(ScheduleRule):
     """One reduction block (conv2d, matmul, pooling, mean) with its prologue and epilogue."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
-            return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        sch, infos = _start(func, target)
         if infos is None:
             return None
         reductions = [i for i in infos if i.is_reduction()]
