@@ -266,3 +266,30 @@ def test_served_board_recovers_after_its_server_dies_and_stays_during_sessions()
                 serve.kill()
                 out, _ = serve.communicate()
     assert "restarted: its process exited" in out and out.count("restarted") == 1, out
+
+
+def test_secret_key_server_refuses_clients_without_the_key():
+    """A server started with --secret-key (no tracker) serves only clients that send its key."""
+    import re
+
+    from tvmedge.deploy import rpc
+    from tvmedge.errors import TvmedgeError
+
+    port = _free_port()
+    serve = subprocess.Popen([*PY, "device", "serve", "--port", str(port), "--secret-key"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        key = re.search(r"secret key: (\w+)", serve.stdout.readline()).group(1)
+        deadline = time.monotonic() + 60
+        while _port_free(port) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        with pytest.raises(TvmedgeError):
+            rpc.connect(host_port=("127.0.0.1", port), key="guess", timeout=10)
+        sess = rpc.connect(host_port=("127.0.0.1", port), key=key, timeout=30)
+        assert sess.cpu(0).exist
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()

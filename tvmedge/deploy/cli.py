@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 
+from ..errors import TvmedgeError
 from .emulate import KINDS
 
 
@@ -23,7 +24,8 @@ def _warn_if_open(host: str, what: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the {what} listens on {host}: TVM RPC has no authentication, anyone who can reach "
               "this port can run code here. Keep it on loopback and reach it through an SSH tunnel "
-              "(ssh -L PORT:127.0.0.1:PORT) unless the network is yours alone.", file=sys.stderr)
+              "(ssh -L PORT:127.0.0.1:PORT), or serve with --secret-key, unless the network is yours alone.",
+              file=sys.stderr)
 
 
 def cmd_tracker(args: argparse.Namespace) -> int:
@@ -51,7 +53,15 @@ def _public(host: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import rpc
 
-    _warn_if_open(args.host, "RPC server")
+    if args.secret_key:
+        if args.tracker:
+            raise TvmedgeError("--secret-key serves without a tracker: a tracker hands its keys to anyone who asks")
+        import secrets
+
+        args.key = secrets.token_hex(16)
+        print(f"secret key: {args.key}  (clients: --rpc-host HOST:PORT --rpc-key {args.key})")
+    else:
+        _warn_if_open(args.host, "RPC server")
     tracker = rpc.parse_host_port(args.tracker) if args.tracker else None
     if tracker is not None:
         rpc.wait_for_tracker(tracker, args.wait_tracker, log=print)
@@ -141,6 +151,9 @@ def register_cli(sub) -> None:
     p.add_argument("--load-library", action="append", help="extra runtime library to load")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",
                    help="keep retrying an unreachable tracker this long, with backoff (default 120)")
+    p.add_argument("--secret-key", action="store_true",
+                   help="serve without a tracker under a random key that only clients given it can use "
+                        "(the server checks it on every connection); printed once")
     p.set_defaults(func=cmd_serve)
 
     p = dp.add_parser("list", help="keys registered at a tracker, with free/busy counts")
