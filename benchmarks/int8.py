@@ -41,7 +41,7 @@ class _Library:
         import tvm
         from tvm import relax
 
-        from tvmedge.build import read_artifact
+        from tvmedge.artifact import read_artifact
 
         lib_path, self.meta = read_artifact(artifact, tmp)
         self.dev = tvm.cpu(0)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tvmedge.build import compile_model, read_artifact
+from tvmedge.artifact import read_artifact
+from tvmedge.build import compile_model
 from tvmedge.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact

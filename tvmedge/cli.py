@@ -73,7 +73,7 @@ def _session(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import load_inputs, run_artifact, save_outputs
-    from .build import read_artifact
+    from .artifact import read_artifact
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,13 +8,13 @@ raises :class:`TvmedgeError` with one clear sentence.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifact import file_sha256
 from .errors import TvmedgeError, first_line
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite", ".relax": "relax"}
@@ -55,14 +55,6 @@ def parse_shapes(items: list[str] | None) -> dict[str, list[int]]:
             raise TvmedgeError(f"bad --input-shape '{item}': expected NAME:DIMS, e.g. input:1x3x224x224")
         shapes[name] = [int(d) for d in dims.split("x")]
     return shapes
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None,

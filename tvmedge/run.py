@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .build import read_artifact
+from .artifact import read_artifact
 from .errors import TvmedgeError
 
 
