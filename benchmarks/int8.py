@@ -3,7 +3,7 @@
 Per zoo model: the fp32 model, its int8 quantization (:mod:`tvmedge.optimize.quantize`;
 trained models calibrated on their own calibration split, random-weight ones on random
 inputs), compiled for the host untuned (the default ``tvm.compile`` path) twice - without the
-VNNI rewrite (``TVMEDGE_INT8_DOT=0``) and with it (:mod:`tvmedge.optimize.int8_dot`, what
+VNNI rewrite (``TVMEDGE_INT8_DOT=0``) and with it (:mod:`tvmedge.lower.int8_dot`, what
 ``tvmedge compile`` does on this CPU) - and timed with the TVM runtime (``--threads``,
 default 2), next to ONNX Runtime fp32 on the same input. Trained models report their metric
 (digits accuracy, shapes mIoU on held-out data) measured on the compiled libraries; the others
@@ -87,7 +87,7 @@ def main() -> None:
     from tvmedge.optimize import data as data_mod
     from tvmedge.optimize.check import errors, outputs_over, score
     from tvmedge.optimize.data import Dataset
-    from tvmedge.optimize.int8_dot import ENV_SWITCH, has_vnni
+    from tvmedge.lower.int8_dot import ENV_SWITCH, has_vnni
     from tvmedge.optimize.quantize import quantize
     from tvmedge.run import random_inputs, run_artifact
     from tvmedge.target import resolve

@@ -20,7 +20,7 @@ from tvmedge import zoo
 from tvmedge.build import compile_model, lower, prepare
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
-from tvmedge.optimize.int8_dot import ENV_SWITCH, SDOT, has_dotprod, isa_for, rewrite_dot, shift_correction
+from tvmedge.lower.int8_dot import ENV_SWITCH, SDOT, has_dotprod, isa_for, rewrite_dot, shift_correction
 from tvmedge.optimize.quantize import quantize
 from tvmedge.target import resolve
 

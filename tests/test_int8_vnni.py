@@ -21,7 +21,7 @@ from tvmedge import zoo
 from tvmedge.build import compile_model, lower, prepare
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
-from tvmedge.optimize.int8_dot import ENV_SWITCH, apply, has_vnni, rewrite_dot
+from tvmedge.lower.int8_dot import ENV_SWITCH, apply, has_vnni, rewrite_dot
 from tvmedge.optimize.quantize import quantize
 from tvmedge.target import resolve
 
@@ -128,7 +128,7 @@ def test_matmul_bit_exact(xshape, n):
 
 def test_small_kernels_run_serially():
     """Waking the thread pool costs more than a small layer's work: only big kernels are parallel."""
-    from tvmedge.optimize.int8_dot import conv2d_func, matmul_func, worth_parallel
+    from tvmedge.lower.int8_dot import conv2d_func, matmul_func, worth_parallel
 
     def parallel(f) -> bool:
         return "T.parallel" in f.script()
@@ -165,7 +165,7 @@ def test_register_before_tvm_intrinsics():
     """Compiling with the VNNI kernels, then tuning in the same process: MetaSchedule imports
     ``tvm.s_tir.tensor_intrin``, which registers TVM's ``dot_16x4_vnni`` without override (here
     done by hand: that import takes ~20 s); tvmedge's names must not collide with it."""
-    code = ("from tvmedge.optimize.intrin import VNNI_INTRIN_LOCAL, _vnni_funcs, register_vnni; "
+    code = ("from tvmedge.lower.intrin import VNNI_INTRIN_LOCAL, _vnni_funcs, register_vnni; "
             "register_vnni(); from tvm.s_tir import TensorIntrin; "
             "TensorIntrin.register('dot_16x4_vnni', *_vnni_funcs('global')); "
             "TensorIntrin.get(VNNI_INTRIN_LOCAL); print('ok')")

@@ -8,7 +8,7 @@ rewrites and tuning database applied). The device needs only the plain TVM runti
 
 Target-specific rewrites run first (:func:`prepare`): on CPUs with an int8 dot-product
 instruction (x86 AVX-512 VNNI, AArch64 ``dotprod``) the int8 conv2d / matmul ops go to
-hand-scheduled kernels (:mod:`tvmedge.optimize.int8_dot`; ``TVMEDGE_INT8_DOT=0`` turns that
+hand-scheduled kernels (:mod:`tvmedge.lower.int8_dot`; ``TVMEDGE_INT8_DOT=0`` turns that
 off), recorded in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the
 graph (NHWC on CPUs) and schedules every kernel: from tuning records where a database has
 them (the user's, or the ones shipped for the target's ISA class), else with tvmedge's
@@ -32,7 +32,7 @@ from .target import Device
 
 def prepare(model: ImportedModel, device: Device) -> ImportedModel:
     """``model`` with the rewrites its target calls for (int8 on dot-product kernels where the CPU has them)."""
-    from .optimize.int8_dot import apply
+    from .lower.int8_dot import apply
 
     try:
         return apply(model, device.target)

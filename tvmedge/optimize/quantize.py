@@ -25,7 +25,7 @@ Choices:
   with negative values is handled exactly: the term ``zp * sum(W[c])`` is folded into the
   int32 bias, and a padded conv pads with ``zp`` explicitly (``R.nn.pad``) so that the
   padding still stands for 0.0. AArch64 ``sdot`` is s8 x s8: its kernels
-  (:mod:`tvmedge.optimize.int8_dot`) read ``x - 128`` and add ``128 * sum(W[c])`` back.
+  (:mod:`tvmedge.lower.int8_dot`) read ``x - 128`` and add ``128 * sum(W[c])`` back.
 * **bias folded into int32** at scale ``scale_x * scale_w[c]`` when the conv/matmul output
   feeds only a per-channel constant ``add``.
 

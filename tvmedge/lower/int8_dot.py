@@ -18,7 +18,7 @@ MetaSchedule and dlight never emit these instructions for the int8 ops the quant
 (``R.nn.conv2d`` / ``R.matmul`` of a uint8 activation and an int8 constant weight,
 ``out_dtype="int32"``), so a tuned int8 model would be no faster than fp32.
 :func:`rewrite_dot` replaces each such op by ``relax.call_tir`` to a PrimFunc tensorized with
-the intrinsics of :mod:`tvmedge.optimize.intrin`, with the weight packed once, at rewrite
+the intrinsics of :mod:`tvmedge.lower.intrin`, with the weight packed once, at rewrite
 time, into the layout the intrinsic reads (``lanes x 4`` contiguous bytes per tile). The
 epilogue the quantizer wrote (int32 bias, ``astype``, scale) is untouched; the int32 result
 is bit-exact with the generic path (checked in ``tests/test_int8_vnni.py`` on this host and
@@ -333,7 +333,7 @@ def _conv_plan(call: Any, defs: dict) -> dict[str, Any] | None:
     """What the conv kernel needs, or None when the conv is not one the kernels handle."""
     import tvm
 
-    from .quantize import _dtype, _op, _shape
+    from ..optimize.quantize import _dtype, _op, _shape
 
     a = call.attrs
     data, weight = call.args[0], call.args[1]
@@ -382,7 +382,7 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
     for the target."""
     from tvm import relax
 
-    from .quantize import _bindings, _dtype, _op, _shape
+    from ..optimize.quantize import _bindings, _dtype, _op, _shape
 
     isa = isa or isa_for(target)
     if isa is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
