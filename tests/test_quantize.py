@@ -213,7 +213,8 @@ def test_qdq_import_matches_onnxruntime(digits):
 
 def rep_output_step(model) -> float:
     """The scale of the last dequantize (the model's output quantization step)."""
-    from tvmedge.optimize.quantize import _bindings, _const_eval, _op
+    from tvmedge.optimize.quantize import _const_eval
+    from tvmedge.relax_graph import bindings as _bindings, op_name as _op
 
     binds = _bindings(model.mod["main"])
     defs = {b.var: b.value for b in binds}

@@ -44,10 +44,10 @@ import torch.nn as nn
 
 from ..errors import TvmedgeError
 from ..frontend import ImportedModel, TensorSpec, save_relax
+from ..relax_graph import finish_kernel, first_divisor
 from ..kernels.pack import WORD_BITS, conv_out_hw, n_words, pack_bits
 from .layers import BinaryConv2d, BinaryDense, is_fully_binary
 
-OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps never merges such a function
 
 PACK_FUNC = "bnn_pack"
 CONV_FUNC = "bnn_xnor_conv2d"
@@ -55,15 +55,6 @@ DENSE_FUNC = "bnn_xnor_dense"
 
 
 # ----------------------------------------------------------------------------- TIR kernels
-def _largest_divisor(n: int, candidates: tuple[int, ...]) -> int:
-    return next((c for c in candidates if n % c == 0), 1)
-
-
-def _finish(sch) -> Any:
-    # opaque: FuseOps keeps it whole; is_scheduled: dlight and MetaSchedule leave it alone
-    return sch.mod["main"].with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
-
-
 def pack_conv_func(n: int, c: int, h: int, w: int, pad: int):
     """PrimFunc: float NCHW -> uint64 [N, H+2p, W+2p, ceil(C/64)], padding packed as 1-bits."""
     import tvm.s_tir as s_tir
@@ -100,7 +91,7 @@ def pack_conv_func(n: int, c: int, h: int, w: int, pad: int):
     sch.parallel(outer)
     sch.vectorize(xx)
     sch.decompose_reduction(blk, bb)
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 def pack_dense_func(n: int, k: int):
@@ -121,7 +112,7 @@ def pack_dense_func(n: int, k: int):
     out = te.compute((n, n_words(k)), word, name="packed")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     sch.unroll(sch.get_loops(sch.get_sblock("packed"))[-1])
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, stride: int,
@@ -151,8 +142,8 @@ def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, 
     sch = s_tir.Schedule(te.create_prim_func([a, wt, corr, scale, shift, out]))
     blk = sch.get_sblock("pop")
     ni, y, xx, oc, i, j, c = sch.get_loops(blk)
-    xt = x_tile or _largest_divisor(ow, (4, 2))
-    ot = o_tile or _largest_divisor(o, (32, 16, 8))
+    xt = x_tile or first_divisor(ow, (4, 2))
+    ot = o_tile or first_divisor(o, (32, 16, 8))
     xo, xi = sch.split(xx, [None, xt])
     oo, oi = sch.split(oc, [None, ot])
     sch.reorder(ni, y, xo, oo, i, j, c, xi, oi)
@@ -168,7 +159,7 @@ def xnor_conv_func(n: int, hp: int, wp: int, cw: int, kh: int, kw: int, o: int, 
     sch.decompose_reduction(blk, i)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.vectorize(sch.get_loops(epi)[-1])
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 def xnor_dense_func(n: int, kw: int, o: int, k_bits: int):
@@ -188,14 +179,14 @@ def xnor_dense_func(n: int, kw: int, o: int, k_bits: int):
     sch = s_tir.Schedule(te.create_prim_func([a, wt, scale, shift, out]))
     blk = sch.get_sblock("pop")
     ni, oc, rr = sch.get_loops(blk)
-    ot = _largest_divisor(o, (32, 16, 8))
+    ot = first_divisor(o, (32, 16, 8))
     oo, oi = sch.split(oc, [None, ot])
     sch.reorder(ni, oo, rr, oi)
     acc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(acc, oo)
     sch.vectorize(oi)
     sch.decompose_reduction(blk, rr)
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 # ----------------------------------------------------------------------------- weight prep

@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from ..relax_graph import bindings, dtype_of, finish_kernel, first_divisor, op_name, shape_of
 from .intrin import SDOT_INTRIN_LOCAL, VNNI_INTRIN_LOCAL, register_sdot, register_vnni
 
 ENV_SWITCH = "TVMEDGE_INT8_DOT"
@@ -181,18 +182,14 @@ def shift_correction(wq: np.ndarray, out_axis: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- tiles
-def _divisor(n: int, candidates: tuple[int, ...]) -> int:
-    return next((c for c in candidates if n % c == 0), 1)
-
-
 def conv_tiles(ow: int, o: int, isa: DotIsa = VNNI) -> tuple[int, int]:
     """``(x_tile, o_blocks)``: output columns x ``lanes``-channel blocks held in registers."""
-    return _divisor(ow, isa.x_tiles), _divisor(_ceil(o, isa.lanes) // isa.lanes, isa.o_blocks)
+    return first_divisor(ow, isa.x_tiles), first_divisor(_ceil(o, isa.lanes) // isa.lanes, isa.o_blocks)
 
 
 def matmul_tiles(m: int, n: int, isa: DotIsa = VNNI) -> tuple[int, int]:
     """``(m_tile, n_blocks)``: rows x ``lanes``-column blocks held in registers."""
-    return _divisor(m, isa.m_tiles), _divisor(_ceil(n, isa.lanes) // isa.lanes, isa.n_blocks)
+    return first_divisor(m, isa.m_tiles), first_divisor(_ceil(n, isa.lanes) // isa.lanes, isa.n_blocks)
 
 
 def worth_parallel(macs: int, isa: DotIsa = VNNI) -> bool:
@@ -217,7 +214,6 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
     out)``); ``padding`` is (top, left, bottom, right), filled with ``pad_value``."""
     from tvm import s_tir, te, tirx
 
-    from ..binary.lower import _finish
 
     lanes = isa.lanes
     sh, sw = strides
@@ -268,7 +264,7 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
         for name in ("nhwc", "out"):
             loops = sch.get_loops(sch.get_sblock(name))
             sch.parallel(sch.fuse(loops[0], loops[1]))
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 def _register_tile(sch, blk, at, reduce_from, lanes, unrolled, isa: DotIsa) -> None:
@@ -292,7 +288,6 @@ def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int
     int32 [N], out)``)."""
     from tvm import s_tir, te, tirx
 
-    from ..binary.lower import _finish
 
     lanes = isa.lanes
     kp, np_ = _ceil(k, 4), _ceil(n, lanes)
@@ -325,7 +320,7 @@ def matmul_func(m: int, k: int, n: int, m_tile: int | None = None, n_blocks: int
     if worth_parallel(m * kp * np_, isa):
         sch.parallel(outer)
     _register_tile(sch, blk, outer, ro, ji, (ii, jbi), isa)
-    return _finish(sch)
+    return finish_kernel(sch)
 
 
 # ----------------------------------------------------------------------------- Relax rewrite
@@ -333,28 +328,27 @@ def _conv_plan(call: Any, defs: dict) -> dict[str, Any] | None:
     """What the conv kernel needs, or None when the conv is not one the kernels handle."""
     import tvm
 
-    from ..optimize.quantize import _dtype, _op, _shape
 
     a = call.attrs
     data, weight = call.args[0], call.args[1]
     layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))
-    if (_dtype(data) != "uint8" or not isinstance(weight, tvm.ir.expr.Constant) or str(weight.ty.dtype) != "int8"
+    if (dtype_of(data) != "uint8" or not isinstance(weight, tvm.ir.expr.Constant) or str(weight.ty.dtype) != "int8"
             or str(a.out_dtype) != "int32" or int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation)
             or layouts != ("NCHW", "OIHW", "NCHW")):
         return None
-    shape = _shape(data)
+    shape = shape_of(data)
     if shape is None or len(shape) != 4:
         return None
     pad = [int(v) for v in a.padding]  # top, left, bottom, right
     pad_value = 0
     if not any(pad):  # fold an explicit zero-point pad (quantize.py writes one for zp != 0)
         src = defs.get(data)
-        if _op(src) == "relax.nn.pad" and str(src.attrs.pad_mode) == "constant":
+        if op_name(src) == "relax.nn.pad" and str(src.attrs.pad_mode) == "constant":
             pw = [int(v) for v in src.attrs.pad_width]
             pv = float(src.attrs.pad_value)
-            if len(pw) == 8 and not any(pw[:4]) and pv == int(pv) and 0 <= pv <= 255 and _dtype(src.args[0]) == "uint8":
+            if len(pw) == 8 and not any(pw[:4]) and pv == int(pv) and 0 <= pv <= 255 and dtype_of(src.args[0]) == "uint8":
                 data, pad, pad_value = src.args[0], [pw[4], pw[6], pw[5], pw[7]], int(pv)
-                shape = _shape(data)
+                shape = shape_of(data)
                 if shape is None:
                     return None
     return {"data": data, "shape": shape, "weight": weight.value.numpy(), "strides": tuple(int(s) for s in a.strides),
@@ -382,19 +376,18 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
     for the target."""
     from tvm import relax
 
-    from ..optimize.quantize import _bindings, _dtype, _op, _shape
 
     isa = isa or isa_for(target)
     if isa is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, []
-    defs = {b.var: b.value for b in _bindings(mod["main"])}
+    defs = {b.var: b.value for b in bindings(mod["main"])}
     state = _Rewriter()
     lanes = isa.lanes
 
     @relax.expr_functor.mutator
     class Mutator(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
-            op = _op(call)
+            op = op_name(call)
             if op == "relax.nn.conv2d":
                 plan = _conv_plan(call, defs)
                 if plan is not None:
@@ -427,11 +420,11 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
             import tvm
 
             data, weight = call.args[0], call.args[1]
-            if (_dtype(data) != "uint8" or not isinstance(weight, tvm.ir.expr.Constant)
+            if (dtype_of(data) != "uint8" or not isinstance(weight, tvm.ir.expr.Constant)
                     or str(weight.ty.dtype) != "int8" or len(weight.ty.shape.values) != 2
                     or str(call.attrs.out_dtype) != "int32"):
                 return None
-            shape = _shape(data)
+            shape = shape_of(data)
             if shape is None or len(shape) < 1:
                 return None
             wq = weight.value.numpy()

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from ..frontend import ImportedModel
 from .data import Dataset
-from .lowrank import CONV, MAX_ROWS, MAX_SAMPLES, conv_attrs, conv_flops, conv_unsupported, constant_value, \
-    emit_conv, fit_linear, graph_flops, rewrite_main, response_error, shape_of, torch_conv
+from ..relax_graph import CONV, constant_value, conv_attrs, shape_of
+from .lowrank import MAX_ROWS, MAX_SAMPLES, conv_flops, conv_unsupported, emit_conv, fit_linear, graph_flops, \
+    rewrite_main, response_error, torch_conv
 
 
 

@@ -26,11 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import TvmedgeError
 from ..frontend import ImportedModel
+from ..relax_graph import ints
 from .data import Dataset
-
-
-def _ints(v: Any) -> list[int]:
-    return [int(x) for x in v]
 
 
 def _prim(e: Any) -> float:
@@ -53,8 +50,8 @@ def _pad_nchw(x: torch.Tensor, padding: list[int], value: float = 0.0) -> tuple[
 def _conv2d(args: list[Any], a: Any) -> torch.Tensor:
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
         raise TvmedgeError(f"finetune: conv2d layout {a.data_layout}/{a.kernel_layout} is not supported")
-    x, pad = _pad_nchw(args[0], _ints(a.padding))
-    return F.conv2d(x, args[1], None, _ints(a.strides), pad, _ints(a.dilation), int(a.groups))
+    x, pad = _pad_nchw(args[0], ints(a.padding))
+    return F.conv2d(x, args[1], None, ints(a.strides), pad, ints(a.dilation), int(a.groups))
 
 
 def _pool(kind: str) -> Callable[[list[Any], Any], torch.Tensor]:
@@ -62,15 +59,15 @@ def _pool(kind: str) -> Callable[[list[Any], Any], torch.Tensor]:
         if str(a.layout) != "NCHW":
             raise TvmedgeError(f"finetune: {kind} layout {a.layout} is not supported")
         fill = float("-inf") if kind == "max" else 0.0
-        x, pad = _pad_nchw(args[0], _ints(a.padding), fill)
+        x, pad = _pad_nchw(args[0], ints(a.padding), fill)
         if kind == "max":
-            return F.max_pool2d(x, _ints(a.pool_size), _ints(a.strides), pad, _ints(a.dilation), bool(a.ceil_mode))
-        return F.avg_pool2d(x, _ints(a.pool_size), _ints(a.strides), pad, bool(a.ceil_mode), bool(a.count_include_pad))
+            return F.max_pool2d(x, ints(a.pool_size), ints(a.strides), pad, ints(a.dilation), bool(a.ceil_mode))
+        return F.avg_pool2d(x, ints(a.pool_size), ints(a.strides), pad, bool(a.ceil_mode), bool(a.count_include_pad))
     return run
 
 
 def _adaptive_avg(args: list[Any], a: Any) -> torch.Tensor:
-    size = _ints(a.output_size) if a.output_size is not None else list(args[0].shape[2:])
+    size = ints(a.output_size) if a.output_size is not None else list(args[0].shape[2:])
     return F.adaptive_avg_pool2d(args[0], size)
 
 
@@ -97,13 +94,13 @@ def _reshape(args: list[Any], a: Any, call: Any, ratio: int = 1) -> torch.Tensor
 
 
 def _permute(args: list[Any], a: Any) -> torch.Tensor:
-    axes = _ints(a.axes) if a.axes is not None else list(range(args[0].dim()))[::-1]
+    axes = ints(a.axes) if a.axes is not None else list(range(args[0].dim()))[::-1]
     return args[0].permute(axes)
 
 
 def _reduce(fn: Callable) -> Callable[[list[Any], Any], torch.Tensor]:
     def run(args: list[Any], a: Any) -> torch.Tensor:
-        axes = _ints(a.axis) if a.axis is not None else list(range(args[0].dim()))
+        axes = ints(a.axis) if a.axis is not None else list(range(args[0].dim()))
         return fn(args[0], dim=axes, keepdim=bool(a.keepdims))
     return run
 

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 from ..errors import TvmedgeError
 from ..frontend import ImportedModel
+from ..relax_graph import CONV, MATMUL, constant_value, conv_attrs, shape_of
 from .data import Dataset
 
-CONV = "relax.nn.conv2d"
-MATMUL = "relax.matmul"
 HOOI_SWEEPS = 3
 # A rewrite that saves less than this share of a layer's FLOPs is not worth an extra layer.
 MIN_SAVING = 0.1
@@ -40,53 +39,6 @@ MAX_ROWS = 20000  # pixels (rows) used per least-squares fit
 
 
 # ---------------------------------------------------------------- shared graph helpers
-def ints(values: Any) -> list[int]:
-    return [int(v) for v in values]
-
-
-def shape_of(expr: Any) -> list[int] | None:
-    """Static shape of a Relax expression, or None."""
-    sinfo = getattr(expr, "ty", None)
-    shape = getattr(sinfo, "shape", None)
-    if shape is None:
-        return None
-    try:
-        return ints(shape)
-    except (TypeError, ValueError):
-        return None
-
-
-def constant_value(mutator: Any, expr: Any) -> np.ndarray | None:
-    """The numpy value of ``expr`` when it is a constant, or a variable bound to a
-    ``permute_dims``/``reshape`` of one; else None."""
-    import tvm
-    from tvm import relax
-
-    if isinstance(expr, tvm.ir.Constant):
-        return expr.value.numpy()
-    if isinstance(expr, relax.Var):
-        bound = mutator.lookup_binding(expr)
-        if isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op):
-            inner = constant_value(mutator, bound.args[0])
-            if inner is None:
-                return None
-            if bound.op.name == "relax.permute_dims":
-                axes = bound.attrs.axes
-                return np.transpose(inner, None if axes is None else ints(axes))
-            if bound.op.name == "relax.reshape":
-                return inner.reshape(shape_of(bound))
-        if isinstance(bound, tvm.ir.Constant):
-            return bound.value.numpy()
-    return None
-
-
-def conv_attrs(call: Any) -> dict[str, Any]:
-    a = call.attrs
-    return {"strides": ints(a.strides), "padding": ints(a.padding), "dilation": ints(a.dilation),
-            "groups": int(a.groups), "data_layout": str(a.data_layout), "kernel_layout": str(a.kernel_layout),
-            "out_layout": str(a.out_layout), "out_dtype": str(a.out_dtype)}
-
-
 def conv_unsupported(attrs: dict[str, Any], weight: np.ndarray | None) -> str | None:
     """Why a conv2d cannot be rewritten (None when it can)."""
     if weight is None:

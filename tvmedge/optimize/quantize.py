@@ -59,61 +59,22 @@ import numpy as np
 
 from ..errors import TvmedgeError
 from ..frontend import ImportedModel
+from ..relax_graph import CONV, MATMUL, bindings, conv_attrs, dtype_of, is_const, op_name, shape_of
 from .data import Dataset
 from .observers import PerChannelWeightObserver, make_observer
 
-CONV = "relax.nn.conv2d"
-MATMUL = "relax.matmul"
 
 
 # ---------------------------------------------------------------- graph helpers
-def _op(expr: Any) -> str | None:
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
-        return str(expr.op.name)
-    return None
-
-
-def _bindings(func: Any) -> list[Any]:
-    from tvm import relax
-
-    out = []
-    for block in func.body.blocks:
-        out.extend(b for b in block.bindings if isinstance(b, relax.VarBinding))
-    return out
-
-
-def _shape(expr: Any) -> list[int] | None:
-    ty = expr.ty
-    shape = getattr(ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    try:
-        return [int(v) for v in shape.values]
-    except TypeError:
-        return None
-
-
-def _dtype(expr: Any) -> str:
-    return str(getattr(expr.ty, "dtype", ""))
-
-
-def _is_const(expr: Any) -> bool:
-    import tvm
-
-    return isinstance(expr, tvm.ir.expr.Constant)
-
-
 def _const_eval(expr: Any, defs: dict) -> np.ndarray | None:
     """The value of a constant sub-graph (constants through reshape/permute/astype/dequantize)."""
     from tvm import relax
 
-    if _is_const(expr):
+    if is_const(expr):
         return expr.value.numpy()
     if isinstance(expr, relax.Var):
         return _const_eval(defs[expr], defs) if expr in defs else None
-    op = _op(expr)
+    op = op_name(expr)
     if op is None:
         return None
     if op in ("relax.reshape", "relax.permute_dims", "relax.astype", "relax.expand_dims", "relax.squeeze"):
@@ -125,7 +86,7 @@ def _const_eval(expr: Any, defs: dict) -> np.ndarray | None:
             return np.transpose(x, None if axes is None else [int(a) for a in axes])
         if op == "relax.astype":
             return x.astype(str(expr.attrs.dtype))
-        shape = _shape(expr)
+        shape = shape_of(expr)
         return None if shape is None else x.reshape(shape)
     if op == "relax.dequantize":
         q, s, z = (_const_eval(a, defs) for a in expr.args[:3])
@@ -155,7 +116,7 @@ def _qweight_eval(expr: Any, defs: dict) -> tuple[np.ndarray, np.ndarray] | None
 
     if isinstance(expr, relax.Var):
         return _qweight_eval(defs[expr], defs) if expr in defs else None
-    op = _op(expr)
+    op = op_name(expr)
     if op == "relax.permute_dims":
         inner = _qweight_eval(expr.args[0], defs)
         if inner is None:
@@ -186,7 +147,7 @@ def _uses(func: Any) -> dict:
     from tvm import relax
 
     uses: dict = {}
-    for b in _bindings(func):
+    for b in bindings(func):
         for v in relax.analysis.free_vars(b.value):
             uses.setdefault(v, []).append(b)
     for v in relax.analysis.free_vars(func.body.body):
@@ -196,7 +157,7 @@ def _uses(func: Any) -> dict:
 
 def has_qdq(model: ImportedModel) -> bool:
     """Whether ``main`` holds quantize/dequantize ops (an imported QDQ model)."""
-    return any(_op(b.value) in ("relax.quantize", "relax.dequantize") for b in _bindings(model.mod["main"]))
+    return any(op_name(b.value) in ("relax.quantize", "relax.dequantize") for b in bindings(model.mod["main"]))
 
 
 @dataclass
@@ -223,7 +184,7 @@ class Layer:
 def _bias_of(var: Any, channels: int, out_ndim: int, axis: int, uses: dict, defs: dict) -> tuple[np.ndarray, Any] | None:
     """A per-channel constant added to ``var`` by its only user: ``(bias vector, add var)``."""
     users = uses.get(var, [])
-    if len(users) != 1 or users[0] is None or _op(users[0].value) != "relax.add":
+    if len(users) != 1 or users[0] is None or op_name(users[0].value) != "relax.add":
         return None
     add = users[0].value
     other = add.args[1] if add.args[0].same_as(var) else add.args[0]
@@ -236,18 +197,11 @@ def _bias_of(var: Any, channels: int, out_ndim: int, axis: int, uses: dict, defs
     return None if vec is None else (vec, users[0].var)
 
 
-def _conv_attrs(call: Any) -> dict[str, Any]:
-    a = call.attrs
-    return {"strides": [int(v) for v in a.strides], "padding": [int(v) for v in a.padding],
-            "dilation": [int(v) for v in a.dilation], "groups": int(a.groups),
-            "layouts": (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))}
-
-
 def _conv_matmul_bindings(binds: list[Any]):
     """``(binding, "conv2d" | "matmul", name)`` for each conv2d / matmul, named ``conv2d_0``, ..."""
     counts = {"conv2d": 0, "matmul": 0}
     for b in binds:
-        op = _op(b.value)
+        op = op_name(b.value)
         if op in (CONV, MATMUL):
             kind = "conv2d" if op == CONV else "matmul"
             yield b, kind, f"{kind}_{counts[kind]}"
@@ -257,25 +211,25 @@ def _conv_matmul_bindings(binds: list[Any]):
 def find_layers(model: ImportedModel) -> list[Layer]:
     """Every conv2d / matmul of ``main`` with its weight, bias and (if any) why it is skipped."""
     func = model.mod["main"]
-    binds = _bindings(func)
+    binds = bindings(func)
     defs = {b.var: b.value for b in binds}
     uses = _uses(func)
     layers: list[Layer] = []
     for b, kind, name in _conv_matmul_bindings(binds):
         call = b.value
         data, wexpr = call.args[0], call.args[1]
-        out_shape = _shape(b.var) or []
+        out_shape = shape_of(b.var) or []
         layer = Layer(name=name, op=kind, var=b.var, call=call, channels=0)
         layers.append(layer)
-        if _dtype(data) != "float32":
-            layer.skip = f"input is {_dtype(data)}, not float32"
+        if dtype_of(data) != "float32":
+            layer.skip = f"input is {dtype_of(data)}, not float32"
             continue
         w = _const_eval(wexpr, defs)
         if w is None:
             layer.skip = "weight is not a constant (dynamic weight)"
             continue
         if kind == "conv2d":
-            attrs = _conv_attrs(call)
+            attrs = conv_attrs(call)
             if attrs["layouts"] != ("NCHW", "OIHW", "NCHW"):
                 layer.skip = f"layout {'/'.join(attrs['layouts'])} (only NCHW/OIHW)"
                 continue
@@ -302,7 +256,7 @@ def _emit_int8(bb: Any, layer: Layer, xq: Any) -> Any:
     wq = layer.weight_q
     eff = sx * layer.weight_scale.astype(np.float64)
     if layer.op == "conv2d":
-        a = _conv_attrs(layer.call)
+        a = conv_attrs(layer.call)
         pad = a["padding"]  # top, left, bottom, right
         if zx != 0 and any(pad):
             # Pad with the zero point: in the quantized domain that is what 0.0 is.
@@ -368,7 +322,7 @@ def _rewrite(model: ImportedModel, layers: list[Layer], observe: bool = False) -
                 return self.visit_expr(folded[var].var)
             return super().visit_call_(call)
 
-    values = {b.var: b.value for b in _bindings(model.mod["main"])}
+    values = {b.var: b.value for b in bindings(model.mod["main"])}
 
     def _value_of(var: Any) -> Any:
         return values.get(var)
@@ -411,11 +365,11 @@ def const_bytes(model: ImportedModel) -> int:
 def int8_ops(model: ImportedModel) -> list[dict[str, str]]:
     """conv2d / matmul ops of ``main`` that compute on 8-bit inputs (with their out dtype)."""
     out = []
-    for b in _bindings(model.mod["main"]):
-        if _op(b.value) in (CONV, MATMUL):
-            d, w = _dtype(b.value.args[0]), _dtype(b.value.args[1])
+    for b in bindings(model.mod["main"]):
+        if op_name(b.value) in (CONV, MATMUL):
+            d, w = dtype_of(b.value.args[0]), dtype_of(b.value.args[1])
             if d in ("int8", "uint8") and w in ("int8", "uint8"):
-                out.append({"op": _op(b.value), "data": d, "weight": w, "out": _dtype(b.var)})
+                out.append({"op": op_name(b.value), "data": d, "weight": w, "out": dtype_of(b.var)})
     return out
 
 
@@ -423,14 +377,14 @@ def int8_ops(model: ImportedModel) -> list[dict[str, str]]:
 def fold_qdq(model: ImportedModel) -> tuple[ImportedModel, dict[str, Any]]:
     """Turn ``dequantize -> conv2d/matmul`` (QDQ-format models) into real int8 ops."""
     func = model.mod["main"]
-    binds = _bindings(func)
+    binds = bindings(func)
     defs = {b.var: b.value for b in binds}
     uses = _uses(func)
     layers: list[Layer] = []
     skipped: list[dict[str, str]] = []
     for b, kind, name in _conv_matmul_bindings(binds):
         call = b.value
-        dq = defs.get(call.args[0]) if _op(defs.get(call.args[0])) == "relax.dequantize" else None
+        dq = defs.get(call.args[0]) if op_name(defs.get(call.args[0])) == "relax.dequantize" else None
         qw = _qweight_eval(call.args[1], defs)
         if dq is None and qw is None:
             continue  # a float layer: not part of the QDQ graph
@@ -440,13 +394,13 @@ def fold_qdq(model: ImportedModel) -> tuple[ImportedModel, dict[str, Any]]:
             continue
         src = dq.args[0]
         sx, zx = _const_eval(dq.args[1], defs), _const_eval(dq.args[2], defs)
-        if sx is None or zx is None or sx.size != 1 or zx.size != 1 or _dtype(src) not in ("uint8", "int8"):
+        if sx is None or zx is None or sx.size != 1 or zx.size != 1 or dtype_of(src) not in ("uint8", "int8"):
             skipped.append({"layer": name, "reason": "input quantization is not per-tensor 8-bit"})
             continue
         q, s = qw
-        out_shape = _shape(b.var) or []
+        out_shape = shape_of(b.var) or []
         if kind == "conv2d":
-            attrs = _conv_attrs(call)
+            attrs = conv_attrs(call)
             if attrs["layouts"] != ("NCHW", "OIHW", "NCHW"):
                 skipped.append({"layer": name, "reason": f"layout {'/'.join(attrs['layouts'])}"})
                 continue
@@ -472,7 +426,7 @@ def fold_qdq(model: ImportedModel) -> tuple[ImportedModel, dict[str, Any]]:
     new = _rewrite(model, layers)
     for layer in layers:
         report["layers"].append({"layer": layer.name, "op": layer.op, "weight_shape": "x".join(map(str, layer.weight_q.shape)),
-                                 "act_scale": layer.act_scale, "act_zero_point": layer.act_zp, "act_dtype": _dtype(layer.source),
+                                 "act_scale": layer.act_scale, "act_zero_point": layer.act_zp, "act_dtype": dtype_of(layer.source),
                                  "weight_bits": 8, "bias_folded": layer.bias is not None})
     new.rewrites = list(model.rewrites) + [{"rewrite": "qdq-fold", "layers": len(layers)}]
     return new, report
