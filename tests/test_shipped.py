@@ -167,9 +167,6 @@ def scheduled_kernels(model, target, db_dirs):
     return schedule(mod, target, open_databases(db_dirs))
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped records were tuned on the NCHW kernels; compile's NHWC "
-                   "pipeline (tvmedge.lower, 0666ba2) has other workloads: re-tune with "
-                   "benchmarks/tuning.py --save-schedules")
 def test_shipped_records_match_the_kernels_compile_builds(tmp_path):
     from tvm.target import Target
 
