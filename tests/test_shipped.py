@@ -77,9 +77,9 @@ def test_vnni_records_keep_their_class_fp32_ones_do_not():
     assert record_class(x86("znver4"), uses_intrinsics=False) == "x86_64-avx512"
     assert record_class(arm64("cortex-a76"), uses_intrinsics=False) == "aarch64-neon"
     assert record_class(x86("skylake-avx512"), uses_intrinsics=False) == "x86_64-avx512"
-    # The shipped databases were tuned for znver4 (AVX-512 + VNNI) but hold fp32 records only.
-    for model in ("mobilenet_v2", "resnet18"):
-        assert json.loads((SHIPPED / model / RECORDS).read_text().splitlines()[0])[1][2]["mcpu"] == "znver4"
+    # The shipped databases were tuned for znver5 (AVX-512 + VNNI) but hold fp32 records only.
+    for model in ("lraspp_mbv3", "resnet18"):
+        assert json.loads((SHIPPED / model / RECORDS).read_text().splitlines()[0])[1][2]["mcpu"] == "znver5"
         assert database_class(SHIPPED / model) == "x86_64-avx512"
 
 
@@ -103,7 +103,7 @@ def test_avx2_target_gets_no_avx512_database():
 
 
 def test_avx512_targets_get_the_shipped_databases():
-    want = [SHIPPED / "mobilenet_v2", SHIPPED / "resnet18"]
+    want = [SHIPPED / "lraspp_mbv3", SHIPPED / "resnet18"]
     for mcpu in ("skylake-avx512", "znver4", "sapphirerapids"):
         assert shipped_databases(resolve(json.dumps(x86(mcpu, **{"num-cores": 8})))) == want
 
@@ -113,7 +113,7 @@ def test_host_gets_the_shipped_databases_here():
     classes = usable_classes(host.target)
     # The development machines (AMD Zen 4/5, Intel Xeon) all have AVX-512.
     assert "x86_64-avx512" in classes, f"this machine is {classes[0]}: no database is shipped for it"
-    assert shipped_databases(host) == [SHIPPED / "mobilenet_v2", SHIPPED / "resnet18"]
+    assert shipped_databases(host) == [SHIPPED / "lraspp_mbv3", SHIPPED / "resnet18"]
 
 
 def test_vnni_records_never_reach_a_cpu_without_vnni(tmp_path):
@@ -123,14 +123,14 @@ def test_vnni_records_never_reach_a_cpu_without_vnni(tmp_path):
     assert database_class(vnni_dir / "resnet18") == "x86_64-avx512-vnni"
     # Misfiled under the avx512 class, the folder alone would let it through: the content check does not.
     misfiled = tensorized_copy(SHIPPED / "resnet18", shipped_class_dir("x86_64-avx512", root=root) / "resnet18")
-    shutil.copytree(SHIPPED / "mobilenet_v2", misfiled.parent / "mobilenet_v2")
+    shutil.copytree(SHIPPED / "lraspp_mbv3", misfiled.parent / "lraspp_mbv3")
     skx = resolve(json.dumps(x86("skylake-avx512")))
     with pytest.warns(UserWarning, match="need x86_64-avx512-vnni"):
         got = shipped_databases(skx, root=root)
-    assert got == [misfiled.parent / "mobilenet_v2"]
+    assert got == [misfiled.parent / "lraspp_mbv3"]
     # A VNNI CPU takes its own class first, then the plain AVX-512 ones.
     zen4 = resolve(json.dumps(x86("znver4")))
-    assert shipped_databases(zen4, root=root) == [vnni_dir / "resnet18", misfiled.parent / "mobilenet_v2",
+    assert shipped_databases(zen4, root=root) == [vnni_dir / "resnet18", misfiled.parent / "lraspp_mbv3",
                                                   misfiled]
 
 
@@ -174,8 +174,8 @@ def test_shipped_records_match_the_kernels_compile_builds(tmp_path):
     from tvmedge.frontend import load_model
     from tvmedge.target import host_target_dict
 
-    model = load_model(zoo.export("mobilenet_v2", tmp_path / "m.onnx"))
-    _, report = scheduled_kernels(model, Target(host_target_dict()), [SHIPPED / "mobilenet_v2"])
+    model = load_model(zoo.export("resnet18", tmp_path / "m.onnx"))
+    _, report = scheduled_kernels(model, Target(host_target_dict()), [SHIPPED / "resnet18"])
     total = len(report.tuned) + len(report.default) + len(report.unscheduled)
     assert len(report.tuned) >= 0.8 * total, f"{len(report.tuned)} of {total} kernels got a shipped record"
 
@@ -268,7 +268,7 @@ def test_installed_wheel_finds_targets_and_schedules(tmp_path):
         assert data_dir("targets") == pkg / "_data" / "targets", data_dir("targets")
         assert "pi4" in device_names() and resolve("pi4").name == "pi4"
         dbs = shipped_databases(resolve(json.dumps({x86("skylake-avx512")!r})))
-        assert [d.name for d in dbs] == ["mobilenet_v2", "resnet18"], dbs
+        assert [d.name for d in dbs] == ["lraspp_mbv3", "resnet18"], dbs
         assert all(d.is_relative_to(pkg / "_data" / "schedules") for d in dbs), dbs
         print("ok", dbs[0])
     """)
