@@ -154,6 +154,31 @@ def test_verbose_after_the_verb(digits, tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr  # accepted, and it shows the traceback
 
 
+def _read_until(proc: subprocess.Popen, text: str, seconds: float = 60) -> list[str]:
+    """Lines of ``proc``'s stdout up to the first that contains ``text`` (fails after ``seconds``).
+    Reads the pipe's file descriptor directly: a buffered readline could hold lines back."""
+    import select
+
+    fd = proc.stdout.fileno()
+    pending = getattr(proc, "_pending", b"")
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            lines.append(line.decode(errors="replace"))
+            if text in lines[-1]:
+                proc._pending = pending
+                return lines
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+    raise AssertionError(f"no line with {text!r} within {seconds} s: {lines} {pending!r}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,7 +200,7 @@ def test_killed_tracker_command_leaves_no_process_on_its_port(sig):
     proc = subprocess.Popen([*PY, "device", "tracker", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert "listening" in proc.stdout.readline()
+        _read_until(proc, "listening")
         assert not _port_free(port)
         proc.send_signal(sig)
         proc.wait(timeout=30)
@@ -195,7 +220,7 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
     srv = subprocess.Popen([*PY, "device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", "late"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        assert "waiting for the RPC tracker" in srv.stdout.readline()
+        _read_until(srv, "waiting for the RPC tracker")
         time.sleep(2)
         tr = rpc.start_tracker(port=port)
         try:
@@ -279,7 +304,7 @@ def test_secret_key_server_refuses_clients_without_the_key():
     serve = subprocess.Popen([*PY, "device", "serve", "--port", str(port), "--secret-key"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        key = re.search(r"secret key: (\w+)", serve.stdout.readline()).group(1)
+        key = re.search(r"secret key: (\w+)", _read_until(serve, "secret key")[-1]).group(1)
         deadline = time.monotonic() + 60
         while _port_free(port) and time.monotonic() < deadline:
             time.sleep(0.3)

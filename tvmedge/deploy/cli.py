@@ -20,6 +20,13 @@ def _wait_forever(what: str) -> None:
         print(f"\nstopping {what}")
 
 
+def _line_buffered() -> None:
+    """Long-running services write their log line by line, also into a pipe or a file."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
 def _warn_if_open(host: str, what: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the {what} listens on {host}: TVM RPC has no authentication, anyone who can reach "
@@ -31,6 +38,7 @@ def _warn_if_open(host: str, what: str) -> None:
 def cmd_tracker(args: argparse.Namespace) -> int:
     from . import rpc
 
+    _line_buffered()
     _warn_if_open(args.host, "tracker")
     tr = rpc.start_tracker(host=args.host, port=args.port)
     print(f"RPC tracker listening on {tr.host}:{tr.port} (Ctrl-C to stop)")
@@ -53,6 +61,7 @@ def _public(host: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import rpc
 
+    _line_buffered()
     if args.secret_key:
         if args.tracker:
             raise TvmedgeError("--secret-key serves without a tracker: a tracker hands its keys to anyone who asks")
@@ -100,7 +109,7 @@ def _supervise(srv, start, tracker, key: str, every_s: float = 3.0, misses_allow
             misses = 0 if registered is not False and srv.alive() else misses + 1
             if not srv.alive() or misses >= misses_allowed:
                 why = "its process exited" if not srv.alive() else "it dropped off the tracker"
-                print(f"RPC server '{key}' restarted: {why}", flush=True)
+                print(f"RPC server '{key}' restarted: {why}")
                 srv.stop()
                 srv = start()
                 misses = 0
@@ -129,6 +138,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     from . import rpc
     from .emulate import main as emulate_main
 
+    _line_buffered()
     if args.tracker:
         rpc.wait_for_tracker(rpc.parse_host_port(args.tracker), args.wait_tracker, log=print)
     return int(emulate_main(kind=args.kind, tracker=args.tracker, key=args.key) or 0)
