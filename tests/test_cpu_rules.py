@@ -168,3 +168,12 @@ def test_seeded_records_apply_and_a_broken_record_falls_back(opmix_onnx, tmp_pat
     res = run_artifact(tmp_path / "broken.tar", {"input": x}, repeat=1)
     ref = ort.InferenceSession(str(opmix_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.abs(res.outputs[0] - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_jetson_kernels_get_dlight_gpu_rules(opmix_onnx):
+    """CUDA targets take dlight's GPU rules through the same pipeline (compiled here, not linked)."""
+    from tvmedge.build import build_executable
+
+    _, report = build_executable(load_model(opmix_onnx), resolve("jetson-nano"))
+    assert report.unscheduled == [] and set(report.default.values()) <= {
+        "Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback"}
