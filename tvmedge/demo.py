@@ -45,16 +45,17 @@ def host_part(console, name: str, work: Path, threads: int) -> tuple[bool, dict]
     model = load_model(onnx_path)
     artifact = work / f"{name}-host.tar"
     meta = compile_model(model, device, artifact, use_shipped=True)
-    tuned = meta["tuning_db"] or "none (untuned)"
+    sch = meta["schedules"]
     console.print(f"      {artifact} ({meta['library_bytes'] / 1e6:.1f} MB, {meta['compile_seconds']:.1f} s, "
-                  f"target {meta['target'].get('mcpu')}, tuning records: {tuned})")
+                  f"target {meta['target'].get('mcpu')}; kernels: {sch['tuned']} from shipped records, "
+                  f"{sch['default_rule']} by default rules)")
     console.print(f"[bold]3/7[/] run with the TVM runtime and with ONNX Runtime ({threads} threads)")
     x = zoo.example_input(entry).numpy()
     res = run_artifact(artifact, {model.inputs[0].name: x}, repeat=10, threads=threads)
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {entry.input_name: x})[0]
     err = _rel(res.outputs[0], ref)
     ort_ms = summarize(onnxruntime_latency(onnx_path, {entry.input_name: x}, threads, repeat=10))
-    label = "TVM (shipped schedules)" if meta["tuning_db"] else "TVM (untuned)"
+    label = f"TVM ({sch['tuned']} kernels from shipped records)" if sch["tuned"] else "TVM (default schedules, untuned)"
     return err < 1e-4, {"rows": [(label, res.latency_summary()), ("ONNX Runtime", ort_ms)], "err": err,
                         "title": f"{name} on this host ({threads} threads, batch 1)"}
 
