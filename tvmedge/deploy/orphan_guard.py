@@ -16,19 +16,10 @@ import sys
 import time
 
 
-def _alive(pid: int) -> bool:
+def _exists(send, ident: int) -> bool:
+    """Whether a process (``os.kill``) or process group (``os.killpg``) still exists."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
+        send(ident, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -37,15 +28,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 def guard(starter: int, pgid: int, poll_s: float = 0.5) -> None:
-    while _group_alive(pgid):
-        if not _alive(starter):
+    while _exists(os.killpg, pgid):
+        if not _exists(os.kill, starter):
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(pgid, sig)
                 except ProcessLookupError:
                     return
                 deadline = time.monotonic() + 3.0
-                while time.monotonic() < deadline and _group_alive(pgid):
+                while time.monotonic() < deadline and _exists(os.killpg, pgid):
                     time.sleep(0.1)
             return
         time.sleep(poll_s)
