@@ -24,8 +24,9 @@ from .normalize import NormalizeClip
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def prepare(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Normalize, fold, convert layout (CPU), legalize and fuse; weights marked layout-free."""
+def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModule:
+    """Normalize, fold, convert layout (CPU), legalize and fuse. ``layout_free``: mark the
+    weights layout-free, as tuning does (records may then pre-pack them)."""
     cpu = tvm.target.Target(target).kind.name == "llvm"
     passes = [
         relax.transform.FoldConstant(),
@@ -43,9 +44,16 @@ def prepare(mod: tvm.IRModule, target) -> tvm.IRModule:
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
+    if layout_free:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential(passes)(mod)
     return _drop_unknown_schedule_rules(mod, tvm.target.Target(target))
+
+
+def _copy(mod: tvm.IRModule) -> tvm.IRModule:
+    """A new module with the same functions, so that updating it leaves ``mod`` as it was."""
+    return tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def _drop_unknown_schedule_rules(mod: tvm.IRModule, target) -> tvm.IRModule:
@@ -70,7 +78,7 @@ def _drop_unknown_schedule_rules(mod: tvm.IRModule, target) -> tvm.IRModule:
                 sch.unannotate(block, "schedule_rule")
                 changed = True
         if changed:
-            out = out or tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+            out = out or _copy(mod)
             out[gv] = sch.mod["main"].with_attrs(func.attrs)
     return out or mod
 
@@ -90,14 +98,6 @@ class ScheduleReport:
             rules[rule] = rules.get(rule, 0) + 1
         return {"tuned": len(self.tuned), "default_rule": len(self.default), "rules": rules,
                 "unscheduled": sorted(self.unscheduled), "record_failed": sorted(self.record_failed)}
-
-    def summary(self) -> str:
-        text = f"{len(self.tuned)} kernels tuned, {len(self.default)} by default rules"
-        if self.unscheduled:
-            text += f", {len(self.unscheduled)} unscheduled ({', '.join(sorted(self.unscheduled))})"
-        if self.record_failed:
-            text += f"; records that failed to apply (default rule used): {', '.join(sorted(self.record_failed))}"
-        return text
 
 
 def _scheduled(func) -> bool:
@@ -119,25 +119,31 @@ def default_rules(target) -> list:
     return cpu()
 
 
+def first_schedule(func, target, rules: list | None = None) -> tuple[Any, str] | tuple[None, None]:
+    """The schedule of the first default rule that applies to ``func``, and that rule's name
+    (a rule that raises counts as not applying); (None, None) when none does."""
+    for rule in rules if rules is not None else default_rules(target):
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule that cannot handle a kernel leaves it to the next
+            sch = None
+        if sch is not None:
+            return sch, type(rule).__name__
+    return None, None
+
+
 def apply_rules(mod: tvm.IRModule, target, names: set[str]) -> tuple[tvm.IRModule, dict[str, str]]:
     """Schedule the kernels ``names`` with the first default rule that applies to each
-    (like dlight's ``ApplyDefaultSchedule``, but a rule that raises counts as not applying,
-    and the caller learns which rule scheduled what)."""
+    (like dlight's ``ApplyDefaultSchedule``, but the caller learns which rule scheduled what)."""
     rules = default_rules(target)
     used: dict[str, str] = {}
-    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+    mod = _copy(mod)
     for gv, func in list(mod.functions.items()):
-        if gv.name_hint not in names:
-            continue
-        for rule in rules:
-            try:
-                sch = rule.apply(func, target, False)
-            except Exception:  # noqa: BLE001 - a rule that cannot handle a kernel leaves it to the next
-                sch = None
+        if gv.name_hint in names:
+            sch, rule = first_schedule(func, target, rules)
             if sch is not None:
                 mod[gv] = sch.mod["main"].with_attrs(func.attrs).with_attr("tirx.is_scheduled", True)
-                used[gv.name_hint] = type(rule).__name__
-                break
+                used[gv.name_hint] = rule
     return mod, used
 
 
@@ -146,7 +152,7 @@ def apply_records(mod: tvm.IRModule, database, names: set[str]) -> tuple[tvm.IRM
     that a record that fails to apply (a damaged trace, a TVM change) costs that kernel its
     record only: it goes to the default rules. Returns the module, the kernels tuned and
     the kernels whose record failed."""
-    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+    mod = _copy(mod)
     tuned, failed = [], []
     apply = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)
     with database:
@@ -200,10 +206,7 @@ def finish(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def build(mod: tvm.IRModule, target, database=None) -> tuple[Any, ScheduleReport]:
     """prepare -> schedule -> compile: the VM executable and what scheduled each kernel."""
-    mod = prepare(mod, target)
-    if database is not None:
-        with tvm.target.Target(target):
-            mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+    mod = prepare(mod, target, layout_free=database is not None)
     mod, report = schedule(mod, target, database)
     if database is not None:
         mod = finish(mod, target)

@@ -15,16 +15,11 @@ from .shipped import open_databases, schedules_dir, shipped_class_dir, shipped_d
 
 
 def prepare(mod, target):
-    """The kernels ``compile`` builds (``tvmedge.lower.pipeline.prepare``), weights marked
-    layout-free. The result's PrimFuncs are the tasks."""
-    import tvm
-    from tvm import relax
-
+    """The kernels ``compile`` builds, weights marked layout-free. The result's PrimFuncs are
+    the tasks."""
     from ..lower.pipeline import prepare as prepare_kernels
 
-    mod = prepare_kernels(mod, target)
-    with tvm.target.Target(target):
-        return relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+    return prepare_kernels(mod, target, layout_free=True)
 
 
 def apply_database(mod, target, db_dirs: str | os.PathLike | list):

@@ -11,35 +11,20 @@ rule's schedule rather than from random samples only.
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def default_schedule(mod, target) -> Any:
-    """The first default rule's schedule for a task's module (``main``), or None."""
-    from ..lower.pipeline import default_rules
-
-    func = mod["main"]
-    for rule in default_rules(target):
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception:  # noqa: BLE001 - a rule that fails is a rule that does not apply
-            sch = None
-        if sch is not None:
-            return sch
-    return None
-
 
 def seed_default_records(tasks: list, database, target, builder, runner) -> dict[str, float]:
     """Measure the default schedule of every task (``ExtractedTask``s) and commit it as a
     record; returns the measured microseconds by task name (missing: no rule, or it failed)."""
     from tvm.s_tir import meta_schedule as ms
 
+    from ..lower.pipeline import first_schedule
+
     items = []
     for task in tasks:
         mod = task.dispatched[0]
         if database.has_workload(mod):  # seeded or tuned before (resume, another round)
             continue
-        sch = default_schedule(mod, target)
+        sch, _ = first_schedule(mod["main"], target)
         if sch is not None:
             items.append((task, mod, sch))
     if not items:
