@@ -86,9 +86,11 @@ def main() -> None:
     from tvmedge import zoo
     from tvmedge.bench.peers import onnxruntime_latency, summarize
     from tvmedge.build import compile_model
-    from tvmedge.frontend import load_model, save_relax
+    from tvmedge.core.model import save_relax
+    from tvmedge.frontend import load_model
     from tvmedge.optimize import data as data_mod
-    from tvmedge.optimize.check import HostRunner, errors, outputs_over, score
+    from tvmedge.core.metrics import errors
+    from tvmedge.optimize.check import HostRunner, outputs_over, score
     from tvmedge.optimize.data import Dataset
     from tvmedge.optimize.lowrank import graph_flops
     from tvmedge.run import random_inputs, run_artifact

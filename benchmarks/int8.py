@@ -41,7 +41,7 @@ class _Library:
         import tvm
         from tvm import relax
 
-        from tvmedge.artifact import read_artifact
+        from tvmedge.core.artifact import read_artifact
 
         lib_path, self.meta = read_artifact(artifact, tmp)
         self.dev = tvm.cpu(0)
@@ -85,7 +85,8 @@ def main() -> None:
     from tvmedge.build import compile_model
     from tvmedge.frontend import load_model
     from tvmedge.optimize import data as data_mod
-    from tvmedge.optimize.check import errors, outputs_over, score
+    from tvmedge.core.metrics import errors
+    from tvmedge.optimize.check import outputs_over, score
     from tvmedge.optimize.data import Dataset
     from tvmedge.lower.int8_dot import ENV_SWITCH, has_vnni
     from tvmedge.optimize.quantize import quantize

@@ -54,7 +54,8 @@ def main() -> None:
 
     from tvmedge import zoo
     from tvmedge.frontend import load_model
-    from tvmedge.isa import database_class, tvm_series
+    from tvmedge.isa import tvm_series
+    from tvmedge.tune.shipped import database_class
     from tvmedge.run import random_inputs
     from tvmedge.target import resolve
     from tvmedge.tune.cli import _alive, device_pool

@@ -109,7 +109,7 @@ def test_nan_weights_fail_the_check_and_json_stays_valid(digits, tmp_path, capsy
     out = capsys.readouterr()
     assert rc == 1 and "NaN/Inf" in one_error_line(out.err)
     assert "NaN" not in out.out
-    from tvmedge.jsonio import dumps
+    from tvmedge.core.jsonio import dumps
 
     assert json.loads(dumps({"x": float("nan"), "y": [np.float32(1.5), float("inf")]})) == {"x": None, "y": [1.5, None]}
 
@@ -298,7 +298,7 @@ def test_secret_key_server_refuses_clients_without_the_key():
     import re
 
     from tvmedge.deploy import rpc
-    from tvmedge.errors import TvmedgeError
+    from tvmedge.core.errors import TvmedgeError
 
     port = _free_port()
     serve = subprocess.Popen([*PY, "device", "serve", "--port", str(port), "--secret-key"],

@@ -71,7 +71,7 @@ def test_digits_cnn_accuracy_compiled(host, tmp_path):
     import tvm
     from tvm import relax
 
-    from tvmedge.artifact import read_artifact
+    from tvmedge.core.artifact import read_artifact
     from tvmedge.zoo.digits import accuracy, load_split
 
     _, _, xte, yte = load_split()

@@ -18,7 +18,7 @@ import pytest
 from tvmedge.deploy import rpc
 from tvmedge.deploy.emulate import EmulatedDevice
 from tvmedge.deploy.sysroot import find_sysroot, prepare_sysroot
-from tvmedge.errors import TvmedgeError
+from tvmedge.core.errors import TvmedgeError
 
 pytestmark = pytest.mark.slow
 

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from tvmedge import zoo
-from tvmedge.errors import TvmedgeError
+from tvmedge.core.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
-from tvmedge.optimize.check import HostRunner, check, errors, outputs_over
+from tvmedge.core.metrics import errors
+from tvmedge.optimize.check import HostRunner, check, outputs_over
 from tvmedge.optimize.compact import compact
 from tvmedge.optimize.finetune import RelaxModule, finetune
 from tvmedge.optimize.lowrank import factorize, graph_flops

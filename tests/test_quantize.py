@@ -17,14 +17,16 @@ import pytest
 import torch
 
 from tvmedge import zoo
-from tvmedge.errors import TvmedgeError
-from tvmedge.frontend import load_model, save_relax
+from tvmedge.core.errors import TvmedgeError
+from tvmedge.core.model import save_relax
+from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
 from tvmedge.optimize.check import HostRunner, outputs_over, score
 from tvmedge.optimize.data import Dataset
 from tvmedge.optimize.observers import (KLObserver, MinMaxObserver, PercentileObserver, PerChannelWeightObserver,
                                         qparams_from_range)
-from tvmedge.optimize.quantize import const_bytes, fold_qdq, has_qdq, int8_ops, quantize
+from tvmedge.optimize.int8_graph import const_bytes, fold_qdq, has_qdq, int8_ops
+from tvmedge.optimize.quantize import quantize
 from conftest import run_cli
 
 
@@ -213,8 +215,8 @@ def test_qdq_import_matches_onnxruntime(digits):
 
 def rep_output_step(model) -> float:
     """The scale of the last dequantize (the model's output quantization step)."""
-    from tvmedge.optimize.quantize import _const_eval
-    from tvmedge.relax_graph import bindings as _bindings, op_name as _op
+    from tvmedge.optimize.int8_graph import _const_eval
+    from tvmedge.core.graph import bindings as _bindings, op_name as _op
 
     binds = _bindings(model.mod["main"])
     defs = {b.var: b.value for b in binds}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tvmedge.deploy import rpc
-from tvmedge.errors import TvmedgeError
+from tvmedge.core.errors import TvmedgeError
 
 KEY = f"tvmedge-test-{os.getpid()}"
 

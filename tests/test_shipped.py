@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmedge.isa import database_class, isa_class, record_class, tvm_series, usable_classes
-from tvmedge.resources import data_dir
+from tvmedge.isa import isa_class, record_class, tvm_series, usable_classes
+from tvmedge.tune.shipped import database_class
+from tvmedge.core.resources import data_dir
 from tvmedge.target import resolve
 from tvmedge.tune.database import RECORDS, WORKLOADS
 from tvmedge.tune.shipped import open_databases, shipped_class_dir, shipped_databases
@@ -260,7 +261,7 @@ def test_installed_wheel_finds_targets_and_schedules(tmp_path):
     check = textwrap.dedent(f"""
         import json, tvmedge
         from pathlib import Path
-        from tvmedge.resources import data_dir
+        from tvmedge.core.resources import data_dir
         from tvmedge.target import device_names, resolve
         from tvmedge.tune.shipped import shipped_databases
         pkg = Path(tvmedge.__file__).parent

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tvmedge.artifact import read_artifact
+from tvmedge.core.artifact import read_artifact
 from tvmedge.build import compile_model
-from tvmedge.errors import TvmedgeError
+from tvmedge.core.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .artifact import FORMAT_VERSION, LIB_NAME, file_sha256, write_artifact
-from .errors import TvmedgeError, first_line
-from .frontend import ImportedModel
+from .core.artifact import FORMAT_VERSION, LIB_NAME, file_sha256, write_artifact
+from .core.errors import TvmedgeError, first_line
+from .core.model import ImportedModel
 from .target import Device
 
 

@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from .errors import TvmedgeError, first_line
-from .jsonio import dumps
+from .core.errors import TvmedgeError, first_line
+from .core.jsonio import dumps
 
 
 def _console():
@@ -73,7 +73,7 @@ def _session(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import load_inputs, run_artifact, save_outputs
-    from .artifact import read_artifact
+    from .core.artifact import read_artifact
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import file_sha256
-from .errors import TvmedgeError, first_line
+from .core.artifact import file_sha256
+from .core.errors import TvmedgeError, first_line
+from .core.model import ImportedModel, TensorSpec, load_relax
+from .optimize.int8_graph import fold_qdq, has_qdq
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".tflite": "tflite", ".relax": "relax"}
-RELAX_FILE_VERSION = 1
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    shape: list[int]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(d["name"], list(d["shape"]), d["dtype"])
-
-
-@dataclass
-class ImportedModel:
-    mod: Any  # tvm.IRModule with a Relax "main"
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    format: str
-    source: str
-    sha256: str
-    rewrites: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_shapes(items: list[str] | None) -> dict[str, list[int]]:
@@ -74,7 +49,7 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
                            f"expected one of {', '.join(FORMATS)}")
     shapes = dict(input_shapes or {})
     if fmt == "relax":
-        return _load_relax(path, shapes)
+        return load_relax(path, shapes)
     loader = {"onnx": _load_onnx, "pt2": _load_pt2, "tflite": _load_tflite}[fmt]
     mod, inputs, out_names, rewrites = loader(path, shapes)
     unknown = set(shapes) - {i.name for i in inputs}
@@ -85,62 +60,9 @@ def load_model(path: str | os.PathLike, input_shapes: dict[str, list[int]] | Non
     model = ImportedModel(mod=mod, inputs=inputs, outputs=outputs, format=fmt,
                           source=str(path), sha256=file_sha256(path), rewrites=rewrites)
     if fold_quantized:
-        from .optimize.quantize import fold_qdq, has_qdq
-
         if has_qdq(model):
             model, _ = fold_qdq(model)
     return model
-
-
-def save_relax(model: ImportedModel, path: str | os.PathLike) -> Path:
-    """Write ``model`` as a ``.relax`` file (what ``tvmedge optimize`` produces).
-
-    A zip holding ``module.json`` (the IRModule, weights included, from ``tvm.ir.save_json``)
-    and ``model.json`` (inputs, outputs, source format and hash, rewrites applied). Written
-    to a temporary name and renamed, so an interrupted write leaves no half file.
-    """
-    import json
-    import zipfile
-
-    import tvm
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"version": RELAX_FILE_VERSION, "inputs": [i.to_dict() for i in model.inputs],
-            "outputs": [o.to_dict() for o in model.outputs], "source_format": model.format,
-            "source": model.source, "source_sha256": model.sha256, "rewrites": model.rewrites,
-            "tvm_version": tvm.__version__}
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-            z.writestr("model.json", json.dumps(meta, indent=1))
-            z.writestr("module.json", tvm.ir.save_json(model.mod))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _load_relax(path: Path, shapes: dict[str, list[int]]) -> ImportedModel:
-    import json
-    import zipfile
-
-    import tvm
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("model.json"))
-            mod = tvm.ir.load_json(z.read("module.json").decode())
-    except Exception as e:
-        raise TvmedgeError(f"cannot read Relax model {path.name} (corrupt or truncated?): {first_line(e)}") from None
-    if meta.get("version") != RELAX_FILE_VERSION:
-        raise TvmedgeError(f"{path.name} is a version {meta.get('version')} .relax file; "
-                           f"this tvmedge reads version {RELAX_FILE_VERSION}")
-    if shapes:
-        raise TvmedgeError(f"{path.name} has static input shapes already; --input-shape is not needed")
-    return ImportedModel(mod=mod, inputs=[TensorSpec.from_dict(d) for d in meta["inputs"]],
-                         outputs=[TensorSpec.from_dict(d) for d in meta["outputs"]], format="relax",
-                         source=str(path), sha256=file_sha256(path), rewrites=list(meta.get("rewrites", [])))
 
 
 def _require_static(name: str, dims: list[Any], given: list[int] | None) -> list[int]:

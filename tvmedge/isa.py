@@ -40,9 +40,7 @@ target being compiled, not from the record; and no thread count (see ``schedules
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -155,32 +153,6 @@ def record_class(target: Any, uses_intrinsics: bool = True) -> str:
         cls = spec.parent
         spec = BY_NAME.get(cls)
     return cls
-
-
-def database_class(db_dir: str | os.PathLike) -> str:
-    """The class a tuning database's records need (the most demanding of its records).
-
-    Raises ``ValueError`` for a database that has no records or mixes architectures.
-    """
-    from .tune.database import RECORDS, _valid_lines
-
-    needed: dict[str, int] = {}
-    for raw in _valid_lines(Path(db_dir) / RECORDS):
-        _, rec = json.loads(raw)
-        cls = record_class(rec[2], tensorized(rec[0]))  # (trace, run_secs, target, args_info)
-        needed[cls] = needed.get(cls, 0) + 1
-    if not needed:
-        raise ValueError(f"{db_dir} holds no tuning records")
-    specs = [BY_NAME.get(c) for c in needed]
-    if None in specs or len({s.arch for s in specs}) > 1:
-        if len(needed) == 1:
-            return next(iter(needed))
-        raise ValueError(f"{db_dir} mixes records for different architectures: {sorted(needed)}")
-    # Classes of one architecture: the one with the most features must be usable for all.
-    top = max(specs, key=lambda s: len(s.features))
-    if not all(set(s.features) <= set(top.features) for s in specs):
-        raise ValueError(f"{db_dir} mixes records of incomparable classes: {sorted(needed)}")
-    return top.name
 
 
 def tvm_series() -> str:

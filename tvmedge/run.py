@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import read_artifact
-from .errors import TvmedgeError
+from .core.artifact import read_artifact
+from .core.errors import TvmedgeError
 
 
 @dataclass

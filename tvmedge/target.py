@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import TvmedgeError, first_line
-from .resources import data_dir
+from .core.errors import TvmedgeError, first_line
+from .core.resources import data_dir
 
 # Cross compilers by the target triple's architecture, for tags and JSON targets.
 _CROSS_BY_ARCH = {

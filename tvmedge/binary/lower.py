@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel, TensorSpec, save_relax
-from ..relax_graph import finish_kernel, first_divisor
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel, TensorSpec, save_relax
+from ..core.graph import finish_kernel, first_divisor
 from ..kernels.pack import WORD_BITS, conv_out_hw, n_words, pack_bits
 from .layers import BinaryConv2d, BinaryDense, is_fully_binary
 

@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 
-from ..errors import TvmedgeError
+from ..core.errors import TvmedgeError
 from .emulate import KINDS
 
 

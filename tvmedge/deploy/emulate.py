@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import TvmedgeError
+from ..core.errors import TvmedgeError
 from . import rpc
 from .sysroot import Sysroot, prepare_sysroot
 

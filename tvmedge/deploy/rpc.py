@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..errors import TvmedgeError, first_line
+from ..core.errors import TvmedgeError, first_line
 
 DEFAULT_TRACKER_PORTS = range(9190, 9200)  # TVM's default tracker range
 _WILDCARDS = ("", "0.0.0.0", "::")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import TvmedgeError
+from ..core.errors import TvmedgeError
 
 SUPPORTED_ARCHES = ("aarch64",)
 DEBIAN_SUITE = "bookworm"  # Debian 12: its python3.11 matches the host's Python and the wheels' cp311

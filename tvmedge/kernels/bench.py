@@ -389,7 +389,7 @@ def _backend_list(text: str) -> list[str]:
     names = list(BACKENDS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
     bad = [b for b in names if b not in BACKENDS]
     if bad:
-        from ..errors import TvmedgeError
+        from ..core.errors import TvmedgeError
 
         raise TvmedgeError(f"unknown backend {', '.join(bad)}; choose from "
                            f"{', '.join(BACKENDS)} or all")
@@ -398,7 +398,7 @@ def _backend_list(text: str) -> list[str]:
 
 def cmd_kernels_bench(args: argparse.Namespace) -> int:
     """``tvmedge kernels bench``: run, print a table (or one JSON object), optionally plot."""
-    from ..errors import TvmedgeError
+    from ..core.errors import TvmedgeError
 
     backends = _backend_list(args.backend)
     shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES[args.kernel]

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from . import kernel_source
-from ..errors import first_line
+from ..core.errors import first_line
 from . import pack as _pack
 from .pack import PackedConvWeight
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import first_line
+from ..core.errors import first_line
 from . import pack as _pack
 from .pack import PackedConvWeight
 

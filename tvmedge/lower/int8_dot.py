@@ -72,7 +72,7 @@ from typing import Any
 
 import numpy as np
 
-from ..relax_graph import bindings, dtype_of, finish_kernel, first_divisor, op_name, shape_of
+from ..core.graph import bindings, dtype_of, finish_kernel, first_divisor, op_name, shape_of
 from .intrin import SDOT_INTRIN_LOCAL, VNNI_INTRIN_LOCAL, register_sdot, register_vnni
 
 ENV_SWITCH = "TVMEDGE_INT8_DOT"

@@ -15,7 +15,7 @@ import tvm_ffi
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..relax_graph import constant_value
+from ..core.graph import constant_value
 
 _TOPI = {"max": topi.maximum, "min": topi.minimum}
 _RELAX = {"max": relax.op.maximum, "min": relax.op.minimum}

@@ -8,12 +8,13 @@ and relative error between two models over a data set; ``score`` gives the task 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel
+from ..core.metrics import errors, mean_iou, top1
 from .data import Dataset
 
 
@@ -71,17 +72,6 @@ def outputs_over(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], data:
     return [np.concatenate([p[i] for p in per]) for i in range(len(per[0]))]
 
 
-def errors(ref: Iterable[np.ndarray], new: Iterable[np.ndarray]) -> dict[str, float]:
-    """Max absolute error, and max relative error (to the reference's largest magnitude)."""
-    abs_err, rel_err = 0.0, 0.0
-    for r, n in zip(ref, new):
-        d = float(np.abs(r.astype(np.float64) - n.astype(np.float64)).max()) if r.size else 0.0
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        abs_err = max(abs_err, d)
-        rel_err = max(rel_err, d / scale if scale else d)
-    return {"max_abs": abs_err, "max_rel": rel_err}
-
-
 def score(outputs: list[np.ndarray], data: Dataset) -> float | None:
     """The task metric of the first output on ``data`` (None when it has no labels)."""
     if data.labels is None:
@@ -89,18 +79,8 @@ def score(outputs: list[np.ndarray], data: Dataset) -> float | None:
     pred = outputs[0]
     labels = data.labels[: pred.shape[0]]
     if data.metric == "accuracy":
-        return float((pred.reshape(pred.shape[0], -1).argmax(axis=1) == labels).mean())
+        return top1(pred, labels)
     return mean_iou(pred.argmax(axis=1), labels, data.num_classes or int(pred.shape[1]))
-
-
-def mean_iou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    ious = []
-    for c in range(num_classes):
-        inter = np.logical_and(pred == c, labels == c).sum()
-        union = np.logical_or(pred == c, labels == c).sum()
-        if union:
-            ious.append(inter / union)
-    return float(np.mean(ious)) if ious else 0.0
 
 
 def check(original: ImportedModel, rewritten: ImportedModel, data: Dataset, eval_data: Dataset | None = None,

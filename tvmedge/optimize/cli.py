@@ -15,9 +15,9 @@ import os
 import sys
 from typing import Any
 
-from ..errors import TvmedgeError
-from ..jsonio import dumps
-from ..frontend import ImportedModel
+from ..core.errors import TvmedgeError
+from ..core.jsonio import dumps
+from ..core.model import ImportedModel
 
 
 def add_optimize_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +160,8 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from ..frontend import load_model, parse_shapes, save_relax
+    from ..core.model import save_relax
+    from ..frontend import load_model, parse_shapes
 
     if not args.output.endswith(".relax"):
         raise TvmedgeError(f"-o {args.output}: the optimized model is written as a .relax file")

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..frontend import ImportedModel
+from ..core.model import ImportedModel
 from .data import Dataset
-from ..relax_graph import CONV, constant_value, conv_attrs, shape_of
+from ..core.graph import CONV, constant_value, conv_attrs, shape_of
 from .lowrank import MAX_ROWS, MAX_SAMPLES, conv_flops, conv_unsupported, emit_conv, fit_linear, graph_flops, \
     rewrite_main, response_error, torch_conv
 
@@ -103,7 +103,7 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from ..errors import TvmedgeError
+    from ..core.errors import TvmedgeError
 
     if calib is None or not len(calib):
         raise TvmedgeError("compact needs calibration data (--calib)")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel, TensorSpec
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel, TensorSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

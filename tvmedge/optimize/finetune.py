@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel
-from ..relax_graph import ints
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel
+from ..core.graph import ints
 from .data import Dataset
 
 

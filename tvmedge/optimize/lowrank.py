@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel
-from ..relax_graph import CONV, MATMUL, constant_value, conv_attrs, shape_of
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel
+from ..core.graph import CONV, MATMUL, constant_value, conv_attrs, shape_of
 from .data import Dataset
 
 HOOI_SWEEPS = 3

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import TvmedgeError
-from ..jsonio import dumps
+from ..core.errors import TvmedgeError
+from ..core.jsonio import dumps
 
 
 @contextlib.contextmanager

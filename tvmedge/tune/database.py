@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import TvmedgeError
+from ..core.errors import TvmedgeError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -39,7 +39,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _valid_lines(path: Path) -> list[bytes]:
+def valid_lines(path: Path) -> list[bytes]:
     """Complete JSON lines of a MetaSchedule database file (a torn last line is dropped)."""
     if not path.exists():
         return []
@@ -117,7 +117,7 @@ class TuningDatabase:
             shutil.rmtree(staging)
         staging.mkdir()
         for name in (WORKLOADS, RECORDS):
-            (staging / name).write_bytes(b"".join(line + b"\n" for line in _valid_lines(self.path / name)))
+            (staging / name).write_bytes(b"".join(line + b"\n" for line in valid_lines(self.path / name)))
         return ms.database.JSONDatabase(path_workload=str(staging / WORKLOADS),
                                         path_tuning_record=str(staging / RECORDS), allow_missing=True)
 
@@ -125,7 +125,7 @@ class TuningDatabase:
         """Publish the staging records: complete lines only, atomically, workloads first."""
         staging = self.path / ".staging"
         for name in (WORKLOADS, RECORDS):
-            lines = _valid_lines(staging / name)
+            lines = valid_lines(staging / name)
             atomic_write(self.path / name, b"".join(line + b"\n" for line in lines))
         self.save_state()
 
@@ -134,7 +134,7 @@ class TuningDatabase:
         from tvm.s_tir import meta_schedule as ms
 
         for name in (WORKLOADS, RECORDS):
-            lines = _valid_lines(self.path / name)
+            lines = valid_lines(self.path / name)
             total = len([ln for ln in (self.path / name).read_bytes().splitlines() if ln.strip()]) \
                 if (self.path / name).exists() else 0
             if total != len(lines):
@@ -163,7 +163,7 @@ class TuningDatabase:
         try:
             workloads = (self.path / WORKLOADS).read_bytes()
             (work / WORKLOADS).write_bytes(workloads)
-            lines = _valid_lines(self.path / RECORDS) if record_lines is None else record_lines
+            lines = valid_lines(self.path / RECORDS) if record_lines is None else record_lines
 
             def loads(chunk: list[bytes]) -> bool:
                 (work / RECORDS).write_bytes(b"".join(line + b"\n" for line in chunk))
@@ -180,7 +180,7 @@ class TuningDatabase:
             db = ms.database.JSONDatabase(path_workload=str(work / WORKLOADS),
                                           path_tuning_record=str(work / RECORDS), allow_missing=False)
             memory = ms.database.MemoryDatabase()  # so that the temporary files can go now
-            for line in _valid_lines(self.path / WORKLOADS):  # all of them: "has a record that failed"
+            for line in valid_lines(self.path / WORKLOADS):  # all of them: "has a record that failed"
                 memory.commit_workload(ms.database.Workload.from_json(json.loads(line)).mod)
             for record in db.get_all_tuning_records():
                 memory.commit_workload(record.workload.mod)
@@ -206,7 +206,7 @@ class TuningDatabase:
 
 
 def count_records(path: str | os.PathLike) -> int:
-    return len(_valid_lines(Path(path) / RECORDS))
+    return len(valid_lines(Path(path) / RECORDS))
 
 
 def export_best(src: str | os.PathLike, dest: str | os.PathLike) -> int:
@@ -218,7 +218,7 @@ def export_best(src: str | os.PathLike, dest: str | os.PathLike) -> int:
     """
     src, dest = Path(src), Path(dest)
     best: dict[int, tuple[float, bytes]] = {}
-    for raw in _valid_lines(src / RECORDS):
+    for raw in valid_lines(src / RECORDS):
         idx, rec = json.loads(raw)
         secs = [float(s) for s in (rec[1] or [])]
         if secs and all(s < 1e9 for s in secs):
@@ -226,7 +226,7 @@ def export_best(src: str | os.PathLike, dest: str | os.PathLike) -> int:
             if idx not in best or t < best[idx][0]:
                 best[idx] = (t, raw)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic_write(dest / WORKLOADS, b"\n".join(_valid_lines(src / WORKLOADS)) + b"\n")
+    atomic_write(dest / WORKLOADS, b"\n".join(valid_lines(src / WORKLOADS)) + b"\n")
     atomic_write(dest / RECORDS, b"".join(raw + b"\n" for _, (_, raw) in sorted(best.items())))
     if (src / STATE).exists():
         atomic_write(dest / STATE, (src / STATE).read_bytes())

@@ -34,7 +34,7 @@ def _registered(rpc_config, grace_s: float = 3.0) -> bool:
     import time
 
     from ..deploy import rpc
-    from ..errors import TvmedgeError
+    from ..core.errors import TvmedgeError
 
     deadline = time.monotonic() + grace_s
     while True:
@@ -61,7 +61,7 @@ def create_session_logged(rpc_config, log_path: str | None = None):
     import time
 
     from ..deploy import rpc
-    from ..errors import TvmedgeError
+    from ..core.errors import TvmedgeError
 
     tracker = (rpc_config.tracker_host, rpc_config.tracker_port)
     key = rpc_config.tracker_key

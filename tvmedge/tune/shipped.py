@@ -9,9 +9,14 @@ order of precedence. ``compile`` reaches both through ``tvmedge.tune.pipeline``.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
+
+from ..isa import BY_NAME, record_class, tensorized, usable_classes
+from ..isa import tvm_series as current_series
+from .database import RECORDS, valid_lines
 
 
 def open_databases(db_dirs: str | os.PathLike | list):
@@ -41,15 +46,13 @@ def open_databases(db_dirs: str | os.PathLike | list):
 
 def schedules_dir() -> Path:
     """The shipped ``schedules/`` folder (the checkout's, or the installed package's copy)."""
-    from ..resources import data_dir
+    from ..core.resources import data_dir
 
     return data_dir("schedules")
 
 
 def shipped_class_dir(isa_class: str, tvm_series: str | None = None, root: Path | None = None) -> Path:
     """``schedules/<isa-class>/tvm-<major.minor>/``: where databases of one class are shipped."""
-    from ..isa import tvm_series as current_series
-
     return (root or schedules_dir()) / isa_class / f"tvm-{tvm_series or current_series()}"
 
 
@@ -62,8 +65,6 @@ def shipped_databases(device, root: Path | None = None) -> list[Path]:
     is skipped with a warning, so such code never reaches a CPU without it. ``root``:
     another ``schedules/`` folder to look in (default: the shipped one).
     """
-    from ..isa import database_class, usable_classes
-
     classes = usable_classes(device.target)
     found: list[Path] = []
     for cls in classes:
@@ -80,3 +81,27 @@ def shipped_databases(device, root: Path | None = None) -> list[Path]:
                 continue
             found.append(db)
     return found
+
+
+def database_class(db_dir: str | os.PathLike) -> str:
+    """The class a tuning database's records need (the most demanding of its records).
+
+    Raises ``ValueError`` for a database that has no records or mixes architectures.
+    """
+    needed: dict[str, int] = {}
+    for raw in valid_lines(Path(db_dir) / RECORDS):
+        _, rec = json.loads(raw)
+        cls = record_class(rec[2], tensorized(rec[0]))  # (trace, run_secs, target, args_info)
+        needed[cls] = needed.get(cls, 0) + 1
+    if not needed:
+        raise ValueError(f"{db_dir} holds no tuning records")
+    specs = [BY_NAME.get(c) for c in needed]
+    if None in specs or len({s.arch for s in specs}) > 1:
+        if len(needed) == 1:
+            return next(iter(needed))
+        raise ValueError(f"{db_dir} mixes records for different architectures: {sorted(needed)}")
+    # Classes of one architecture: the one with the most features must be usable for all.
+    top = max(specs, key=lambda s: len(s.features))
+    if not all(set(s.features) <= set(top.features) for s in specs):
+        raise ValueError(f"{db_dir} mixes records of incomparable classes: {sorted(needed)}")
+    return top.name

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import TvmedgeError
-from ..frontend import ImportedModel
+from ..core.errors import TvmedgeError
+from ..core.model import ImportedModel
 from ..target import Device
 from .database import TuningDatabase
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import TvmedgeError
+from ..core.errors import TvmedgeError
 from . import models
 
 

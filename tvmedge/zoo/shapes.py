@@ -107,7 +107,7 @@ class ShapesSeg(nn.Module):
 
 
 def miou(logits: np.ndarray, labels: np.ndarray) -> float:
-    from ..optimize.check import mean_iou
+    from ..core.metrics import mean_iou
 
     return mean_iou(np.asarray(logits).argmax(axis=1), labels, NUM_CLASSES)
 

@@ -27,7 +27,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import TvmedgeError, first_line
+from ..core.errors import TvmedgeError, first_line
 
 SUPPORTED = ("Conv2d (+BatchNorm2d, ReLU/ReLU6), MaxPool2d, ReLU, ReLU6, flatten -> Linear, Linear")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import TvmedgeError
 
 DATA_DIRS = ("targets", "schedules")
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the tvmedge package
 
 
 def data_dir(name: str) -> Path:
