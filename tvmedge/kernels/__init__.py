@@ -10,7 +10,11 @@ Every backend module (``numba``, ``opencl``, ``cupy``, ``tvm``) provides
   of NCHW ``x`` and OIHW ``w`` (or a prepacked :class:`~tvmedge.kernels.pack.PackedConvWeight`).
 
 Bit layout, padding rules and the numpy references live in :mod:`tvmedge.kernels.pack`;
-benchmarks and the ``tvmedge kernels bench`` command in :mod:`tvmedge.kernels.bench`.
+which backends are usable here (and why not) in :mod:`~tvmedge.kernels.probe`. The benchmark:
+:mod:`~tvmedge.kernels.workload` (shapes, op counts, inputs, fp32 baseline),
+:mod:`~tvmedge.kernels.machine` (the CPU's peak and bandwidth), :mod:`~tvmedge.kernels.timing`
+(the timed loop), :mod:`~tvmedge.kernels.report` (table, roofline plot, JSON) and
+:mod:`~tvmedge.kernels.cli` (``tvmedge kernels bench``).
 Backend modules import lazily: importing this package pulls in none of numba, pyopencl, cupy.
 """
 
@@ -29,14 +33,6 @@ def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
     return importlib.import_module(f"{__name__}.{name}_backend")
-
-
-def backend_status(name: str) -> tuple[bool, str]:
-    """``available()`` of a backend, with import failures turned into (False, reason)."""
-    try:
-        return get_backend(name).available()
-    except Exception as e:  # a backend that cannot even import is simply unavailable
-        return False, f"{type(e).__name__}: {e}"
 
 
 def kernel_source(filename: str) -> str:
