@@ -45,6 +45,21 @@ def backend(request):
     return get_backend(request.param)
 
 
+# ----------------------------------------------------------------------------- one interface
+def test_backends_share_one_interface():
+    """Every backend module has the same functions with the same signatures (and its NAME):
+    the benchmark loop (tvmedge.kernels.timing.run_bench) calls them without asking which."""
+    import inspect
+
+    funcs = ("available", "on_cpu", "last_kernel_seconds", "xnor_gemm", "bconv2d")
+    ref = get_backend(BACKENDS[0])
+    for name in BACKENDS:
+        mod = get_backend(name)  # imports without the backend's own packages
+        assert mod.NAME == name
+        for f in funcs:
+            assert str(inspect.signature(getattr(mod, f))) == str(inspect.signature(getattr(ref, f))), (name, f)
+
+
 # ----------------------------------------------------------------------------- packing
 def test_pack_layout_and_roundtrip():
     x = np.zeros((2, 70), np.float32) - 1

@@ -3,6 +3,10 @@
 Every backend module (``numba``, ``opencl``, ``cupy``, ``tvm``) provides
 
 * ``available() -> (bool, reason)``
+* ``on_cpu() -> bool``: whether the kernels run on this host's CPU cores (so the CPU's
+  binary-op peak of :mod:`tvmedge.kernels.machine` applies); asked only when available
+* ``last_kernel_seconds() -> float | None``: device time of the last ``xnor_gemm`` kernel alone
+  where the backend can tell it apart from transfers, else None
 * ``xnor_gemm(a_packed, b_packed, k_bits) -> int32 [M, N]``: ``a`` [M, W] and ``b`` [N, W] are
   uint64 words from :func:`tvmedge.kernels.pack.pack_bits` (W = ceil(K / 64)); the result is
   ``sum_k a_mk * b_nk`` over ±1 values, i.e. ``K - 2 * popcount(a XOR b)``.

@@ -4,6 +4,8 @@ Backend times are wall-clock per call from numpy in to numpy out (OpenCL / CuPy 
 host<->device copies; their kernel-only time is reported separately as ``kernel_ms``).
 Medians over ``repeat`` samples; a sample averages enough calls to last >= 20 ms.
 Every backend result is checked bit-exact against the numpy reference before it is timed.
+Backends are driven only through the interface all backend modules share (see
+:mod:`tvmedge.kernels`): the % of peak is given where ``on_cpu()`` says the CPU peak applies.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from . import workload
 from .machine import machine_info
-from .probe import backend_status, usable_backends
+from .probe import usable_backends
 
 MIN_SAMPLE_S = 0.02
 
@@ -77,13 +79,11 @@ def run_bench(kernel: str, backends: list[str], shapes: list, repeat: int = 10,
                 rows.append({"shape": s["name"], "backend": name, "status": "error",
                              "reason": f"{type(e).__name__}: {e}"})
                 continue
-            kt = getattr(mod, "last_kernel_seconds", lambda: None)()
+            kt = mod.last_kernel_seconds()
             sec = st["median_ms"] / 1e3
-            on_cpu = name in ("numba", "opencl", "tvm") and not (
-                name == "opencl" and "GPU" in backend_status(name)[1].upper())
             rows.append({"shape": s["name"], "backend": name, "status": "ok", **st,
                          "gops": ops / sec / 1e9, "speedup_vs_numpy_fp32": base_s / sec,
-                         "frac_peak": (ops / sec / 1e9) / peak if on_cpu else None,
+                         "frac_peak": (ops / sec / 1e9) / peak if mod.on_cpu() else None,
                          "intensity": ops / workload.binary_bytes(kernel, s), "verified": verified,
                          "kernel_ms": kt * 1e3 if kt else None})
     return {"kernel": kernel, "machine": machine, "baseline": workload.BASELINES[kernel],
