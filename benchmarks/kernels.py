@@ -4,7 +4,7 @@ Prints a table, writes ``benchmarks/results/kernels.json`` and a roofline PNG ne
 states the goals and whether this run met them:
 
 * the Numba XNOR GEMM is >= 20x faster than numpy float32 matmul of the same shape (same run);
-* it reaches >= 50 % of the machine's binary-op peak (model in :mod:`tvmedge.kernels.bench`).
+* it reaches >= 50 % of the machine's binary-op peak (model in :mod:`tvmedge.kernels.machine`).
 
 Usage: ``python benchmarks/kernels.py [--repeat N] [--backends numba,opencl] [--conv]``
 (``--conv`` adds the default bconv2d layers). Exit status 0 whether or not the goals are met;
@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tvmedge.kernels import BACKENDS  # noqa: E402
-from tvmedge.kernels.bench import (DEFAULT_SHAPES, plot_roofline, print_table,  # noqa: E402
-                                   run_bench)
+from tvmedge.kernels.report import plot_roofline, print_table  # noqa: E402
+from tvmedge.kernels.timing import failed_rows, run_bench  # noqa: E402
+from tvmedge.kernels.workload import DEFAULT_SHAPES  # noqa: E402
 
 GOAL_SPEEDUP = 20.0
 GOAL_FRAC_PEAK = 0.5
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"wrote {os.path.relpath(args.out, ROOT)} and {os.path.relpath(png, ROOT)}")
-    bad = [r for res in results for r in res["rows"]
-           if r["status"] != "ok" or r.get("verified") is False]
-    return 1 if bad else 0
+    return 1 if any(failed_rows(res) for res in results) else 0
 
 
 if __name__ == "__main__":

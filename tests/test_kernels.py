@@ -12,8 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from tvmedge.kernels import BACKENDS, backend_status, get_backend
+from tvmedge.kernels import BACKENDS, get_backend
 from tvmedge.kernels import pack as P
+from tvmedge.kernels.probe import backend_status
+from tvmedge.kernels.report import plot_roofline
+from tvmedge.kernels.timing import run_bench
+from tvmedge.kernels.workload import parse_shape
 
 GEMM_SHAPES = [  # M, N, K (bits): word edges, single rows/columns, tile edges
     (1, 1, 1), (1, 9, 65), (7, 1, 63), (5, 17, 64), (13, 70, 130), (4, 64, 128),
@@ -39,6 +43,21 @@ def backend(request):
     if not ok:
         pytest.skip(f"{request.param} unavailable: {why}")
     return get_backend(request.param)
+
+
+# ----------------------------------------------------------------------------- one interface
+def test_backends_share_one_interface():
+    """Every backend module has the same functions with the same signatures (and its NAME):
+    the benchmark loop (tvmedge.kernels.timing.run_bench) calls them without asking which."""
+    import inspect
+
+    funcs = ("available", "on_cpu", "last_kernel_seconds", "xnor_gemm", "bconv2d")
+    ref = get_backend(BACKENDS[0])
+    for name in BACKENDS:
+        mod = get_backend(name)  # imports without the backend's own packages
+        assert mod.NAME == name
+        for f in funcs:
+            assert str(inspect.signature(getattr(mod, f))) == str(inspect.signature(getattr(ref, f))), (name, f)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -179,9 +198,7 @@ def test_cuda_source_error_is_reported(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- bench + CLI
 def test_run_bench_small_and_roofline(tmp_path):
-    from tvmedge.kernels import bench
-
-    res = bench.run_bench("xnor_gemm", ["numba", "cupy"], ["64x80x200"], repeat=2, warmup=1)
+    res = run_bench("xnor_gemm", ["numba", "cupy"], ["64x80x200"], repeat=2, warmup=1)
     rows = {r["backend"]: r for r in res["rows"]}
     assert rows["numpy_fp32"]["status"] == "ok"
     if backend_status("numba")[0]:
@@ -190,21 +207,19 @@ def test_run_bench_small_and_roofline(tmp_path):
         assert 0 < r["frac_peak"] < 1.5
     if not backend_status("cupy")[0]:
         assert "cupy" in res["skipped"]
-    conv = bench.run_bench("bconv2d", ["numba"], ["1x8x9x9-4x3x3-s2-p1"], repeat=1, warmup=0)
+    conv = run_bench("bconv2d", ["numba"], ["1x8x9x9-4x3x3-s2-p1"], repeat=1, warmup=0)
     assert all(r["verified"] in (True, None) for r in conv["rows"])
-    png = bench.plot_roofline([res, conv], str(tmp_path / "roof.png"))
+    png = plot_roofline([res, conv], str(tmp_path / "roof.png"))
     assert (tmp_path / "roof.png").stat().st_size > 1000 and png.endswith("roof.png")
 
 
 def test_parse_shape_errors():
-    from tvmedge.kernels import bench
-
-    assert bench.parse_shape("xnor_gemm", "2x3x4") == {"name": "2x3x4", "M": 2, "N": 3, "K": 4}
-    s = bench.parse_shape("bconv2d", "1x3x7x7-8x3x3-s2-p1")
+    assert parse_shape("xnor_gemm", "2x3x4") == {"name": "2x3x4", "M": 2, "N": 3, "K": 4}
+    s = parse_shape("bconv2d", "1x3x7x7-8x3x3-s2-p1")
     assert (s["OH"], s["OW"], s["stride"], s["padding"]) == (4, 4, 2, 1)
     for kernel, text in [("xnor_gemm", "2x3"), ("xnor_gemm", "0x3x4"), ("bconv2d", "1x3x7x7")]:
         with pytest.raises(ValueError):
-            bench.parse_shape(kernel, text)
+            parse_shape(kernel, text)
 
 
 def test_cli_kernels_bench_json(capsys):

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.bench", "tvmedge.optimize.cli"):
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet

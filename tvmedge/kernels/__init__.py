@@ -3,6 +3,10 @@
 Every backend module (``numba``, ``opencl``, ``cupy``, ``tvm``) provides
 
 * ``available() -> (bool, reason)``
+* ``on_cpu() -> bool``: whether the kernels run on this host's CPU cores (so the CPU's
+  binary-op peak of :mod:`tvmedge.kernels.machine` applies); asked only when available
+* ``last_kernel_seconds() -> float | None``: device time of the last ``xnor_gemm`` kernel alone
+  where the backend can tell it apart from transfers, else None
 * ``xnor_gemm(a_packed, b_packed, k_bits) -> int32 [M, N]``: ``a`` [M, W] and ``b`` [N, W] are
   uint64 words from :func:`tvmedge.kernels.pack.pack_bits` (W = ceil(K / 64)); the result is
   ``sum_k a_mk * b_nk`` over ±1 values, i.e. ``K - 2 * popcount(a XOR b)``.
@@ -10,7 +14,11 @@ Every backend module (``numba``, ``opencl``, ``cupy``, ``tvm``) provides
   of NCHW ``x`` and OIHW ``w`` (or a prepacked :class:`~tvmedge.kernels.pack.PackedConvWeight`).
 
 Bit layout, padding rules and the numpy references live in :mod:`tvmedge.kernels.pack`;
-benchmarks and the ``tvmedge kernels bench`` command in :mod:`tvmedge.kernels.bench`.
+which backends are usable here (and why not) in :mod:`~tvmedge.kernels.probe`. The benchmark:
+:mod:`~tvmedge.kernels.workload` (shapes, op counts, inputs, fp32 baseline),
+:mod:`~tvmedge.kernels.machine` (the CPU's peak and bandwidth), :mod:`~tvmedge.kernels.timing`
+(the timed loop), :mod:`~tvmedge.kernels.report` (table, roofline plot, JSON) and
+:mod:`~tvmedge.kernels.cli` (``tvmedge kernels bench``).
 Backend modules import lazily: importing this package pulls in none of numba, pyopencl, cupy.
 """
 
@@ -29,14 +37,6 @@ def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
     return importlib.import_module(f"{__name__}.{name}_backend")
-
-
-def backend_status(name: str) -> tuple[bool, str]:
-    """``available()`` of a backend, with import failures turned into (False, reason)."""
-    try:
-        return get_backend(name).available()
-    except Exception as e:  # a backend that cannot even import is simply unavailable
-        return False, f"{type(e).__name__}: {e}"
 
 
 def kernel_source(filename: str) -> str:

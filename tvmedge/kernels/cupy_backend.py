@@ -60,6 +60,11 @@ def available() -> tuple[bool, str]:
     return True, f"{name} (sm_{props['major']}{props['minor']}, {props['multiProcessorCount']} SMs)"
 
 
+def on_cpu() -> bool:
+    """Never: the kernels run on the CUDA device."""
+    return False
+
+
 def last_kernel_seconds() -> float | None:
     """GPU time of the last ``xnor_gemm`` kernel, from CUDA events."""
     return _last_kernel_s

@@ -59,6 +59,16 @@ def available() -> tuple[bool, str]:
     return True, f"numba {numba.__version__}, {numba.get_num_threads()} threads"
 
 
+def on_cpu() -> bool:
+    """Always: Numba's parallel loops run on this host's cores."""
+    return True
+
+
+def last_kernel_seconds() -> float | None:
+    """None: no transfers, the wall time is the kernel's."""
+    return None
+
+
 def threads() -> int:
     """Threads the parallel loops use (``NUMBA_NUM_THREADS``, default: all cores)."""
     return int(numba.get_num_threads())

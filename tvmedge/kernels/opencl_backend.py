@@ -59,6 +59,12 @@ def available() -> tuple[bool, str]:
     return True, f"{d.platform.name} / {d.name} ({d.max_compute_units} compute units)"
 
 
+def on_cpu() -> bool:
+    """Whether the chosen OpenCL device is a CPU (PoCL's, here), from its device type."""
+    st = _init()
+    return bool(st["device"].type & st["cl"].device_type.CPU)
+
+
 def last_kernel_seconds() -> float | None:
     """Device time of the last ``xnor_gemm`` kernel launch, from profiling events."""
     return _last_kernel_s

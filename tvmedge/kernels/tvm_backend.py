@@ -87,6 +87,16 @@ def available() -> tuple[bool, str]:
     return True, f"tvm {tvm.__version__}, {_host_target()}"
 
 
+def on_cpu() -> bool:
+    """Always: the target is the host CPU (LLVM)."""
+    return True
+
+
+def last_kernel_seconds() -> float | None:
+    """None: no transfers, the wall time is the kernel's."""
+    return None
+
+
 def xnor_gemm(a_packed: np.ndarray, b_packed: np.ndarray, k_bits: int) -> np.ndarray:
     """C[m, n] = K - 2*popcount(a[m] XOR b[n]) for packed a [M,W], b [N,W]; int32 [M, N]."""
     import tvm
