@@ -1,7 +1,7 @@
 """Build hook: the wheel carries the top-level ``targets/`` and ``schedules/`` folders.
 
 They stay at the repository's top level (the project's layout); ``build_py`` copies them
-into the built package as ``tvmedge/_data/<name>/``, where :func:`tvmedge.resources.data_dir`
+into the built package as ``tvmedge/_data/<name>/``, where :func:`tvmedge.core.resources.data_dir`
 finds them in an installed wheel. Editable installs read them from the checkout instead.
 All other metadata is in ``pyproject.toml``.
 """

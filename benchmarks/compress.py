@@ -35,33 +35,26 @@ TRAINED = {"shapes-seg": "shapes", "digits-cnn": "digits"}
 
 
 def _variants(name: str, model: Any, calib: Any, tune_data: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """name -> (model, report) or an error string."""
-    from tvmedge.optimize.compact import compact
-    from tvmedge.optimize.finetune import finetune
-    from tvmedge.optimize.lowrank import factorize
+    """name -> (model, report) or an error string: each variant is one pipeline of passes."""
+    from tvmedge.optimize.passes import Compact, Finetune, Int8, LowRank, PassContext, Pipeline
 
+    finetune = [Finetune(args.finetune_steps, data=tune_data)] if name in TRAINED and args.finetune_steps else []
+    pipelines = {"int8": [Int8()],
+                 "lowrank": [LowRank(flops_ratio=args.lowrank_flops)] + finetune,
+                 "compact": [Compact(max_error=args.compact_max_error)] + finetune}
     out: dict[str, Any] = {"fp32": (model, {})}
-    try:
-        from tvmedge.optimize.quantize import quantize
-
-        out["int8"] = quantize(model, calib, progress=False)
-    except Exception as e:  # another part of the project; report, don't stop
-        out["int8"] = f"n/a (quantize unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    trained = name in TRAINED
-    for kind in ("lowrank", "compact"):
+    for kind, passes in pipelines.items():
         t0 = time.time()
         try:
-            if kind == "lowrank":
-                m, rep = factorize(model, flops_ratio=args.lowrank_flops, calib=calib)
-            else:
-                m, rep = compact(model, calib, max_error=args.compact_max_error, progress=False)
-            if trained and args.finetune_steps:
-                m, ft = finetune(model, m, args.finetune_steps, tune_data, progress=False)
-                rep["finetune"] = ft
-            rep["seconds"] = round(time.time() - t0, 1)
-            out[kind] = (m, rep)
-        except Exception as e:
-            out[kind] = f"failed: {type(e).__name__}: {e}"
+            m, result = Pipeline(passes, check=False)(model, PassContext(original=model, calib=calib))
+        except Exception as e:  # report the variant's failure, go on with the others
+            out[kind] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        rep = dict(result["rewrites"][0]) if result["rewrites"] else {"rewrite": kind, "layers": []}
+        for extra in result["rewrites"][1:]:
+            rep[extra["rewrite"]] = extra
+        rep["seconds"] = round(time.time() - t0, 1)
+        out[kind] = (m, rep)
     return out
 
 
@@ -93,7 +86,8 @@ def main() -> None:
     from tvmedge.optimize.check import HostRunner, outputs_over, score
     from tvmedge.optimize.data import Dataset
     from tvmedge.optimize.lowrank import graph_flops
-    from tvmedge.run import random_inputs, run_artifact
+    from tvmedge.core.model import random_inputs
+    from tvmedge.run import run_artifact
     from tvmedge.target import resolve
 
     device = resolve("host")
@@ -134,14 +128,13 @@ def main() -> None:
                         row["score"] = score(outputs_over(runner, evals), evals)
                     db = None
                     if args.trials:
-                        from tvmedge.tune.cli import _alive, device_pool
-                        from tvmedge.tune.tuner import tune_model
+                        from tvmedge.tune.pool import device_pool
+                        from tvmedge.tune.tuner import TuneOptions, tune_model
 
                         db = tmp / f"db-{name}-{kind}"
                         t0 = time.time()
-                        with device_pool(device, None, None, None, log=lambda *a: None) as (tracker, key, free, _):
-                            tune_model(m, device, db, args.trials, tracker, key, n_devices=free, progress=False,
-                                       device_alive=_alive(tracker, key))
+                        with device_pool(device, log=lambda *a: None) as pool:
+                            tune_model(m, device, db, TuneOptions(args.trials), pool, progress=False)
                         row["tune_seconds"] = round(time.time() - t0, 1)
                     art = tmp / f"{name}-{kind}.tar"
                     compile_model(m, device, art, tuning_db=db)

@@ -28,40 +28,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 TRAINED = {"shapes-seg": "shapes", "digits-cnn": "digits"}
 
 
-class _Library:
+def _library(artifact: Path, tmp: Path):
     """A compiled artifact loaded here, callable like :class:`~tvmedge.optimize.check.HostRunner`."""
+    import tvm
 
-    def __init__(self, artifact: Path, tmp: Path) -> None:
-        import tvm
-        from tvm import relax
+    from tvmedge.core.artifact import read_artifact
+    from tvmedge.core.vm import ModelVM
 
-        from tvmedge.core.artifact import read_artifact
-
-        lib_path, self.meta = read_artifact(artifact, tmp)
-        self.dev = tvm.cpu(0)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import tvm
-
-        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[s["name"]]), self.dev) for s in self.meta["inputs"]]
-        out = self.vm["main"](*args)
-        return [o.numpy() for o in (list(out) if not hasattr(out, "numpy") else [out])]
+    lib_path, meta = read_artifact(artifact, tmp)
+    return ModelVM(tvm.runtime.load_module(str(lib_path)), tvm.cpu(0), [s["name"] for s in meta["inputs"]])
 
 
 def _tune(model: Any, device: Any, db: Path, trials: int) -> Path:
-    from tvmedge.tune.cli import _alive, device_pool
-    from tvmedge.tune.tuner import tune_model
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import TuneOptions, tune_model
 
-    with device_pool(device, None, None, None, log=lambda *a: None) as (tracker, key, free, _):
-        tune_model(model, device, db, trials, tracker, key, n_devices=free, progress=False,
-                   device_alive=_alive(tracker, key))
+    with device_pool(device, log=lambda *a: None) as pool:
+        tune_model(model, device, db, TuneOptions(trials), pool, progress=False)
     return db
 
 
@@ -90,7 +78,8 @@ def main() -> None:
     from tvmedge.optimize.data import Dataset
     from tvmedge.lower.int8_dot import ENV_SWITCH, has_vnni
     from tvmedge.optimize.quantize import quantize
-    from tvmedge.run import random_inputs, run_artifact
+    from tvmedge.core.model import random_inputs
+    from tvmedge.run import run_artifact
     from tvmedge.target import resolve
 
     device = resolve("host")
@@ -140,7 +129,7 @@ def main() -> None:
                 ref = run.outputs if ref is None else ref
                 row.update(errors(ref, run.outputs))
                 if evals is not None:
-                    lib = _Library(art, tmp / f"lib-{name}-{kind.replace(' ', '_')}")
+                    lib = _library(art, tmp / f"lib-{name}-{kind.replace(' ', '_')}")
                     row["metric"] = evals.metric
                     row["score"] = score(outputs_over(lib, evals), evals)
                 rows[kind] = row

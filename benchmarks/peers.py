@@ -135,15 +135,14 @@ def bench_device(threads: int):
 
 def tune_for(model, device, minutes: float, db_dir: Path, round_trials: int, threads: int, log=print) -> dict[str, Any]:
     """Tune ``model`` into a fresh ``db_dir`` in rounds until ``minutes`` are spent."""
-    from tvmedge.tune.cli import _alive, device_pool
-    from tvmedge.tune.tuner import tune_model
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import TuneOptions, tune_model
 
     spent, trials, rounds = 0.0, 0, 0
-    with device_pool(device, None, None, None, log=log, threads=threads) as (tracker, key, free, _):
+    with device_pool(device, log=log, threads=threads) as pool:
         while spent < minutes * 60:
             t0 = time.perf_counter()
-            rep = tune_model(model, device, db_dir, round_trials, tracker, key, n_devices=free, progress=False,
-                             device_alive=_alive(tracker, key), retune=rounds > 0)
+            rep = tune_model(model, device, db_dir, TuneOptions(round_trials, retune=rounds > 0), pool, progress=False)
             spent += time.perf_counter() - t0
             trials += rep["trials_run"]
             rounds += 1
@@ -170,7 +169,7 @@ def bench_model(spec: str, args, work: Path, log=print) -> dict[str, Any]:
 
     from tvmedge.build import compile_model
     from tvmedge.isa import isa_class
-    from tvmedge.run import random_inputs
+    from tvmedge.core.model import random_inputs
     from tvmedge.tune.shipped import shipped_databases
 
     name, model_file, model = load(spec, work, args.input_shape)

@@ -56,11 +56,11 @@ def main() -> None:
     from tvmedge.frontend import load_model
     from tvmedge.isa import tvm_series
     from tvmedge.tune.shipped import database_class
-    from tvmedge.run import random_inputs
+    from tvmedge.core.model import random_inputs
     from tvmedge.target import resolve
-    from tvmedge.tune.cli import _alive, device_pool
     from tvmedge.tune.database import export_best
-    from tvmedge.tune.tuner import tune_model
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import TuneOptions, tune_model
 
     device = resolve("host")
     out: dict = {"threads": threads, "cpu": device.target_json.get("mcpu"), "minutes": args.minutes,
@@ -79,11 +79,11 @@ def main() -> None:
             print(f"{name}: untuned {untuned:.2f} ms, ONNX Runtime {ort:.2f} ms", flush=True)
             spent = 0.0
             trials = 0
-            with device_pool(device, None, None, None, log=print) as (tracker, key, free, _):
+            with device_pool(device, log=print) as pool:
                 while spent < args.minutes * 60:
                     t0 = time.perf_counter()
-                    rep = tune_model(model, device, db_dir, args.round_trials, tracker, key, n_devices=free,
-                                     progress=False, device_alive=_alive(tracker, key), retune=trials > 0)
+                    rep = tune_model(model, device, db_dir, TuneOptions(args.round_trials, retune=trials > 0), pool,
+                                     progress=False)
                     spent += time.perf_counter() - t0
                     trials += rep["trials_run"]
                     tvm_ms, ort = measure(model, device, db_dir, onnx_path, inputs, threads, tmp)
@@ -96,8 +96,7 @@ def main() -> None:
                 reuse_db = tmp / f"{name}-reuse"
                 shutil.copytree(db_dir, reuse_db)
                 t0 = time.perf_counter()
-                rep = tune_model(model, device, reuse_db, args.round_trials, tracker, key, n_devices=free,
-                                 progress=False, device_alive=_alive(tracker, key))
+                rep = tune_model(model, device, reuse_db, TuneOptions(args.round_trials), pool, progress=False)
                 tvm_ms, ort = measure(model, device, reuse_db, onnx_path, inputs, threads, tmp)
                 reuse_min = (time.perf_counter() - t0) / 60
             out["models"][name] = {"curve": curve, "reuse": {"minutes_to_tuned_model": reuse_min,

@@ -207,7 +207,7 @@ def test_call_tir_graph_factorized_on_responses(tmp_path):
     interpreter runs those with TVM (batched, matching the compiled model), so response-fitted
     low-rank works on it; fine-tuning through a call_tir fails with one clear error."""
     from tvmedge.optimize.data import Dataset
-    from tvmedge.run import random_inputs
+    from tvmedge.core.model import random_inputs
 
     model = load_model(zoo.export("mobilenet_v2", tmp_path / "m.onnx"))
     assert "R.call_tir" in model.mod["main"].script(show_meta=False)

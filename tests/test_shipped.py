@@ -194,10 +194,10 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     from tvmedge import zoo
     from tvmedge.build import compile_model
     from tvmedge.frontend import load_model
-    from tvmedge.run import random_inputs
+    from tvmedge.core.model import random_inputs
     from tvmedge.target import host_target_dict
-    from tvmedge.tune.cli import _alive, device_pool
-    from tvmedge.tune.tuner import tune_model
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import TuneOptions, tune_model
 
     onnx_path = zoo.export("digits-cnn", tmp_path / "m.onnx")
     model = load_model(onnx_path)
@@ -205,8 +205,8 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     two = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 2}))
     eight = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 8}))
     db = tmp_path / "db"
-    with device_pool(two, None, None, None, log=lambda m: None, threads=2) as (tracker, key, free, _):
-        tune_model(model, two, db, 8, tracker, key, n_devices=free, progress=False, device_alive=_alive(tracker, key))
+    with device_pool(two, log=lambda m: None, threads=2) as pool:
+        tune_model(model, two, db, TuneOptions(8), pool, progress=False)
     records = [json.loads(ln)[1][2] for ln in (db / RECORDS).read_text().splitlines() if ln.strip()]
     assert records and {r["num-cores"] for r in records} == {2}
 

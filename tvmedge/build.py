@@ -110,7 +110,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         raise TvmedgeError(f"artifact name must end in .tar: {out}")
     t0 = time.perf_counter()
     if tuning_db is None and use_shipped:
-        from .tune.pipeline import shipped_databases
+        from .tune.shipped import shipped_databases
 
         shipped = shipped_databases(device)
         if shipped:

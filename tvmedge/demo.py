@@ -70,7 +70,8 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
     from .frontend import load_model
     from .run import run_artifact
     from .target import resolve
-    from .tune.tuner import tune_model
+    from .tune.pool import DevicePool
+    from .tune.tuner import TuneOptions, tune_model
 
     entry = zoo.get(name)
     device = resolve("pi4")
@@ -84,7 +85,7 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
         console.print(f"      tracker {rpc.format_host_port(tr.addr)}, board registered under key 'pi4' "
                       f"in {time.perf_counter() - t0:.0f} s")
         console.print(f"[bold]5/7[/] tune {name} on the board over RPC ({trials} trials, MetaSchedule + XGBoost)")
-        report = tune_model(model, device, db, trials, tr.addr, "pi4", emulated=True, progress=True)
+        report = tune_model(model, device, db, TuneOptions(trials), DevicePool(tr.addr, "pi4", emulated=True))
         console.print("[bold]6/7[/] compile the deployable pi4 library with that database; untuned for comparison")
         tuned_tar, untuned_tar = work / f"{name}-pi4.tar", work / f"{name}-pi4-untuned.tar"
         meta = compile_model(model, device, tuned_tar, tuning_db=db)

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from .core.artifact import read_artifact
+from .core.model import random_inputs
 from .core.errors import TvmedgeError
+from .core.vm import ModelVM
 
 
 @dataclass
@@ -41,20 +43,6 @@ class RunResult:
                 "device": self.device, "threads": self.threads,
                 "target": self.meta["target"], "outputs": outs,
                 "emulated": bool(self.meta.get("emulated", False))}
-
-
-def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        dt = np.dtype(s["dtype"])
-        if np.issubdtype(dt, np.floating):
-            out[s["name"]] = rng.standard_normal(s["shape"]).astype(dt)
-        elif np.issubdtype(dt, np.integer):
-            out[s["name"]] = rng.integers(0, 10, size=s["shape"]).astype(dt)
-        else:
-            out[s["name"]] = rng.random(s["shape"]) > 0.5
-    return out
 
 
 def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]],
@@ -104,20 +92,11 @@ def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]],
     return out
 
 
-def _as_list(result: Any) -> list[Any]:
-    from tvm.runtime import Tensor
-
-    if isinstance(result, Tensor):
-        return [result]
-    return [r for item in result for r in _as_list(item)]
-
-
 def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | None = None,
                  repeat: int = 20, threads: int | None = None, session=None,
                  warmup: int = 2) -> RunResult:
     """Load ``artifact`` (locally, or on the device behind ``session``) and time ``main``."""
     import tvm
-    from tvm import relax
 
     with tempfile.TemporaryDirectory(prefix="tvmedge-run-") as tmp:
         lib_path, meta = read_artifact(artifact, tmp)
@@ -154,16 +133,10 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
             threads = (os.cpu_count() or 1) if session is None else (cores or 0)
         if threads:
             config(1, int(threads))
-        vm = relax.VirtualMachine(lib, dev)
-        args = [tvm.runtime.tensor(inputs[s["name"]], dev) for s in meta["inputs"]]
-        outputs = [o.numpy() for o in _as_list(vm["main"](*args))]
-        timer = vm.time_evaluator("main", dev, number=1, repeat=max(1, repeat), min_repeat_ms=0,
-                                  cooldown_interval_ms=0)
-        for _ in range(warmup):
-            vm["main"](*args)
-        res = timer(*args)
+        vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
+        outputs = vm(inputs)
+        lat = vm.time_ms(inputs, repeat, warmup)
         used = int(num_threads())
-    lat = [r * 1e3 for r in res.results]
     return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
 
 

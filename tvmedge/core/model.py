@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .artifact import file_sha256
 from .errors import TvmedgeError, first_line
 
@@ -89,3 +91,18 @@ def load_relax(path: str | os.PathLike, shapes: dict[str, list[int]] | None = No
     return ImportedModel(mod=mod, inputs=[TensorSpec.from_dict(d) for d in meta["inputs"]],
                          outputs=[TensorSpec.from_dict(d) for d in meta["outputs"]], format="relax",
                          source=str(path), sha256=file_sha256(path), rewrites=list(meta.get("rewrites", [])))
+
+
+def random_inputs(specs: list[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs for tensor specs (as dicts): normal floats, small integers, booleans."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        dt = np.dtype(s["dtype"])
+        if np.issubdtype(dt, np.floating):
+            out[s["name"]] = rng.standard_normal(s["shape"]).astype(dt)
+        elif np.issubdtype(dt, np.integer):
+            out[s["name"]] = rng.integers(0, 10, size=s["shape"]).astype(dt)
+        else:
+            out[s["name"]] = rng.random(s["shape"]) > 0.5
+    return out

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.errors import TvmedgeError
 from ..core.model import ImportedModel
+from ..core.vm import ModelVM
 from ..core.metrics import errors, mean_iou, top1
 from .data import Dataset
 
@@ -23,7 +24,6 @@ class HostRunner:
 
     def __init__(self, model: ImportedModel) -> None:
         import tvm
-        from tvm import relax
 
         from ..lower.pipeline import build
         from ..target import resolve
@@ -32,16 +32,10 @@ class HostRunner:
         # The default schedules: the same numerics as the naive build (float reassociation
         # only) at a fraction of the time, which matters over calibration and evaluation sets.
         ex, _ = build(model.mod, resolve("host").target)
-        self.dev = tvm.cpu(0)
-        self.vm = relax.VirtualMachine(ex, self.dev)
+        self.vm = ModelVM(ex, tvm.cpu(0), [s.name for s in model.inputs])
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import tvm
-
-        args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[s.name]), self.dev) for s in self.model.inputs]
-        out = self.vm["main"](*args)
-        outs = list(out) if not hasattr(out, "numpy") else [out]
-        return [o.numpy() for o in outs]
+        return self.vm(inputs)
 
 
 def nonfinite_weights(mod) -> int:

@@ -1,11 +1,8 @@
 """``tvmedge optimize``: apply compression rewrites, check them against the original, save.
 
-The same flags work on ``tvmedge compile`` (the rewrites then run before compiling).
-Order: low-rank factorization, compact filters, then int8 quantization (it quantizes the
-already-factorized layers). After all rewrites the result is checked against the original
-model on the calibration data (max abs/rel error) and, with ``--eval``, on the task metric;
-with ``--max-drop`` the quantizer keeps the layers that cost the most accuracy in float
-until the drop is within bounds.
+The same flags work on ``tvmedge compile`` (the rewrites then run before compiling). This
+module only turns flags into passes and data (:mod:`tvmedge.optimize.passes` runs them, in
+the order of :func:`~tvmedge.optimize.passes.passes_from_options`) and prints the report.
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ from typing import Any
 from ..core.errors import TvmedgeError
 from ..core.jsonio import dumps
 from ..core.model import ImportedModel
+from ..core.progress import Reporter
+from .passes import PassContext, Pipeline, RewriteOptions, passes_from_options
 
 
 def add_optimize_args(p: argparse.ArgumentParser) -> None:
@@ -45,79 +44,40 @@ def add_optimize_args(p: argparse.ArgumentParser) -> None:
                         "(PyTorch sources and zoo models only)")
 
 
+def rewrite_options(args: argparse.Namespace) -> RewriteOptions:
+    """The rewrite flags as plain options."""
+    return RewriteOptions(quantize=args.quantize, observer=args.observer, lowrank=args.lowrank,
+                          lowrank_flops=args.lowrank_flops, compact=args.compact,
+                          compact_max_error=args.compact_max_error, finetune_steps=args.finetune_steps,
+                          max_drop=args.max_drop)
+
+
 def wants_rewrites(args: argparse.Namespace) -> bool:
-    return bool(args.quantize or args.lowrank or args.lowrank_flops or args.compact)
+    return rewrite_options(args).any()
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """What only the flags together can get wrong (each pass checks its own values)."""
     if (args.quantize or args.compact) and not args.calib:
         raise TvmedgeError("--quantize and --compact need calibration data: --calib digits|shapes|FILE.npz|DIR")
     if args.finetune_steps and not args.calib:
         raise TvmedgeError("--finetune-steps distils on calibration data: give --calib digits|shapes|FILE.npz")
-    if args.lowrank and args.lowrank_flops:
-        raise TvmedgeError("give --lowrank ENERGY or --lowrank-flops RATIO, not both")
-    if args.lowrank is not None and not 0 < args.lowrank <= 1:
-        raise TvmedgeError(f"--lowrank takes a fraction of spectral energy in (0, 1], got {args.lowrank}")
-    if args.lowrank_flops is not None and not 0 < args.lowrank_flops < 1:
-        raise TvmedgeError(f"--lowrank-flops takes a FLOP ratio in (0, 1), got {args.lowrank_flops}")
     if args.max_drop is not None and not args.eval:
         raise TvmedgeError("--max-drop needs labelled data to measure the drop on: --eval DATA")
-    if args.max_drop is not None and args.max_drop < 0:
-        raise TvmedgeError(f"--max-drop is a drop in points, 0 or more, got {args.max_drop}")
     if args.calib_size is not None and args.calib_size < 1:
         raise TvmedgeError(f"--calib-size takes a number of samples, 1 or more, got {args.calib_size}")
-    if args.finetune_steps < 0:
-        raise TvmedgeError(f"--finetune-steps takes 0 or more steps, got {args.finetune_steps}")
-    if args.compact_max_error is not None and args.compact_max_error <= 0:
-        raise TvmedgeError(f"--compact-max-error must be positive, got {args.compact_max_error}")
 
 
 def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: bool = True) -> tuple[ImportedModel, dict[str, Any]]:
-    """Run the rewrites the flags ask for; returns the new model and the full report."""
+    """The CLI's adapter: the passes the flags ask for, on the data they name, as one pipeline."""
     from . import data as data_mod
-    from .check import HostRunner, check
 
     _validate(args)
+    passes = passes_from_options(rewrite_options(args))
     calib = data_mod.load(args.calib, model, "calib", limit=args.calib_size) if args.calib else None
     evals = data_mod.load(args.eval, model, "eval") if args.eval else None
-    original = model
-    reports: list[dict[str, Any]] = []
-    if args.lowrank or args.lowrank_flops:
-        from .lowrank import factorize
-
-        model, rep = factorize(model, energy=args.lowrank, flops_ratio=args.lowrank_flops, calib=calib)
-        reports.append(rep)
-    if args.compact:
-        from .compact import compact
-
-        model, rep = compact(model, calib, max_error=args.compact_max_error, progress=progress)
-        reports.append(rep)
-    if args.finetune_steps and reports:
-        from .finetune import finetune
-
-        model, rep = finetune(original, model, steps=args.finetune_steps, data=calib, progress=progress)
-        reports.append(rep)
-    if args.quantize:
-        from .quantize import quantize
-
-        model, rep = quantize(model, calib, observer=args.observer, eval_data=evals,
-                              max_drop=args.max_drop, reference=original, progress=progress)
-        reports.append(rep)
-    ref = HostRunner(original)
-    summary = check(original, model, calib or data_mod.load(args.eval, model, "eval") if (calib or args.eval) else
-                    _random_data(model), evals, ref_runner=ref)
-    model.rewrites = list(original.rewrites) + [
-        {k: v for k, v in r.items() if k not in ("layers", "skipped")} for r in reports]
-    return model, {"rewrites": reports, "check": summary}
-
-
-def _random_data(model: ImportedModel):
-    """Without calibration or evaluation data, numerics are checked on random inputs."""
-    from ..run import random_inputs
-    from .data import Dataset
-
-    specs = [s.to_dict() for s in model.inputs]
-    return Dataset(name="random", samples=[random_inputs(specs, seed=i) for i in range(8)])
+    ctx = PassContext(original=model, calib=calib, eval=evals, progress=Reporter(progress))
+    return Pipeline(passes)(model, ctx)
 
 
 def print_report(report: dict[str, Any], out=None) -> None:

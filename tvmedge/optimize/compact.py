@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.model import ImportedModel
+from ..core.progress import Reporter
 from .data import Dataset
 from ..core.graph import CONV, constant_value, conv_attrs, shape_of
 from .lowrank import MAX_ROWS, MAX_SAMPLES, conv_flops, conv_unsupported, emit_conv, fit_linear, graph_flops, \
@@ -97,7 +98,7 @@ def _candidates(w: np.ndarray, x: np.ndarray, attrs: dict[str, Any], out_hw: tup
 
 
 def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
-            progress: bool = True) -> tuple[ImportedModel, dict[str, Any]]:
+            progress: bool | Reporter = True) -> tuple[ImportedModel, dict[str, Any]]:
     """Replace K×K convolutions by fitted separable or depthwise+pointwise pairs where the
     layer's relative output error stays within ``max_error``; returns (new model, report)."""
     from tvm import relax
@@ -105,6 +106,7 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
 
     from ..core.errors import TvmedgeError
 
+    progress = Reporter.of(progress)
     if calib is None or not len(calib):
         raise TvmedgeError("compact needs calibration data (--calib)")
     if len(model.inputs) != 1:
@@ -145,8 +147,7 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
                           f"best candidate {best['structure']} (width {best['width']}) has output error "
                           f"{best['error']:.3g} > {max_error}")
                 report["skipped"].append({"layer": layer, "reason": reason})
-                if progress:
-                    print(f"compact: {layer} skipped: {reason}", flush=True)
+                progress.line(f"compact: {layer} skipped: {reason}")
                 return call
             c = ok[0]
             x = call.args[0]
@@ -155,9 +156,8 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
             report["layers"].append({"layer": layer, "weight": "x".join(map(str, w.shape)), "structure": c["structure"],
                                      "width": c["width"], "flops_before": before, "flops_after": c["flops"],
                                      "output_error": c["error"]})
-            if progress:
-                print(f"compact: {layer} -> {c['structure']} width {c['width']}: FLOPs {before} -> {c['flops']}, "
-                      f"output error {c['error']:.3g}", flush=True)
+            progress.line(f"compact: {layer} -> {c['structure']} width {c['width']}: FLOPs {before} -> {c['flops']}, "
+                          f"output error {c['error']:.3g}")
             import tvm
 
             return relax.op.nn.conv2d(x, relax.const(tvm.runtime.tensor(np.ascontiguousarray(w2))), strides=list(s2),

@@ -11,6 +11,9 @@ constants of the Relax graph.
 
 Graphs with an operation the interpreter does not know raise a :class:`TvmedgeError`
 naming it.
+
+:class:`RelaxModule` is only for training: TVM's runtime computes no gradients. Every
+inference (checks, calibration, ``tvmedge run``) goes through :class:`tvmedge.core.vm.ModelVM`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from ..core.errors import TvmedgeError
 from ..core.model import ImportedModel
+from ..core.progress import Reporter
 from ..core.graph import ints
 from .data import Dataset
 
@@ -311,7 +315,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Dataset | None,
-             progress: bool = True, batch: int = 32, lr: float = 1e-3, seed: int = 0,
+             progress: bool | Reporter = True, batch: int = 32, lr: float = 1e-3, seed: int = 0,
              temperature: float | None = None) -> tuple[ImportedModel, dict[str, Any]]:
     """Train the constants of ``model`` for ``steps`` steps to match ``original``'s outputs
     on ``data`` (calibration inputs, plus perturbed copies); returns (new model, report).
@@ -323,6 +327,7 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
     loss, which weighs the decisions rather than the logits' scale. The model is scored on
     a fixed probe batch ten times during training and the best weights are kept, so the
     result is never worse on it than the model it starts from."""
+    progress = Reporter.of(progress)
     if data is None or not len(data):
         raise TvmedgeError("finetune needs calibration data (--calib) to distil on")
     if len(model.inputs) != 1:
@@ -381,9 +386,8 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
                 now = float(distill_loss(probe))
             if now < best:
                 best, best_step, best_weights = now, step + 1, snapshot()
-            if progress:
-                print(f"finetune: step {step + 1}/{steps} distillation loss {np.mean(losses[-10:]):.4g} "
-                      f"(probe {now:.4g})", flush=True)
+            progress.line(f"finetune: step {step + 1}/{steps} distillation loss {np.mean(losses[-10:]):.4g} "
+                          f"(probe {now:.4g})")
     with torch.no_grad():
         for p, w in zip(params, best_weights):
             p.copy_(w)

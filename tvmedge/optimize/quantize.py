@@ -54,6 +54,7 @@ import numpy as np
 
 from ..core.errors import TvmedgeError
 from ..core.model import ImportedModel
+from ..core.progress import Reporter
 from .data import Dataset
 from .int8_graph import Layer, const_bytes, find_layers, fold_qdq, has_qdq, rewrite_layers
 from .observers import PerChannelWeightObserver, make_observer
@@ -74,26 +75,22 @@ def _check_calib(calib: Dataset | None, model: ImportedModel) -> None:
 
 
 def calibrate(model: ImportedModel, layers: list[Layer], calib: Dataset, observer: str = "percentile",
-              progress: bool = True) -> None:
+              progress: bool | Reporter = True) -> None:
     """Run the calibration samples through an instrumented copy; sets each layer's activation qparams."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .check import HostRunner
 
     _check_calib(calib, model)
     inst = rewrite_layers(model, layers, observe=True)
     runner = HostRunner(inst)
     observers = [make_observer(observer) for _ in layers]
-    with Progress(TextColumn("calibrating int8 ({task.fields[obs]})"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress, transient=True) as bar:
-        task = bar.add_task("calib", total=len(calib), obs=observer)
+    with Reporter.of(progress).bar(f"calibrating int8 ({observer})", len(calib)) as bar:
         for sample in calib.samples:
             outs = runner(sample)
             for o, obs in zip(outs, observers):
                 if not np.all(np.isfinite(o)):
                     raise TvmedgeError("calibration produced non-finite activations (bad calibration data?)")
                 obs.observe(o)
-            bar.advance(task)
+            bar.advance()
     for layer, obs in zip(layers, observers):
         layer.act_range = tuple(float(v) for v in obs.range())
         layer.act_scale, layer.act_zp = obs.calculate_qparams()
@@ -142,7 +139,7 @@ class _Evaluator:
 
 def quantize(model: ImportedModel, calib: Dataset, observer: str = "percentile", eval_data: Dataset | None = None,
              max_drop: float | None = None, reference: ImportedModel | None = None,
-             progress: bool = True) -> tuple[ImportedModel, dict]:
+             progress: bool | Reporter = True) -> tuple[ImportedModel, dict]:
     """int8 post-training quantization of ``model``'s conv2d / matmul layers (see module doc)."""
     t0 = time.time()
     if observer not in ("minmax", "percentile", "kl"):
@@ -185,18 +182,15 @@ def quantize(model: ImportedModel, calib: Dataset, observer: str = "percentile",
 
 
 def _fall_back(model: ImportedModel, active: list[Layer], ev: _Evaluator, metric: float, err: float,
-               max_drop: float, report: dict[str, Any], progress: bool) -> tuple[ImportedModel, float]:
+               max_drop: float, report: dict[str, Any], progress: bool | Reporter) -> tuple[ImportedModel, float]:
     """Put the most sensitive layers back to float until the drop is within ``max_drop``."""
-    from rich.progress import Progress
-
     sens = []
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("int8 sensitivity per layer", total=len(active))
+    with Reporter.of(progress).bar("int8 sensitivity per layer", len(active)) as bar:
         for layer in active:
             m, e = ev(rewrite_layers(model, [x for x in active if x is not layer]))
             # Gain in metric points from keeping this layer float; output error breaks ties.
             sens.append((100.0 * (m - metric), err - e, layer))
-            bar.advance(task)
+            bar.advance()
     sens.sort(key=lambda t: (t[0], t[1]), reverse=True)
     report["sensitivity"] = [{"layer": lay.name, "gain_points": round(g, 3), "err_reduction": round(d, 5)}
                              for g, d, lay in sens]

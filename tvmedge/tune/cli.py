@@ -3,98 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import tempfile
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
 
-from ..core.errors import TvmedgeError
 from ..core.jsonio import dumps
-
-
-@contextlib.contextmanager
-def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool | None,
-                log=print, threads: int | None = None) -> Iterator[tuple[tuple[str, int], str, int, bool]]:
-    """Yields (tracker, key, number of free devices, emulated) for tuning and running.
-
-    With ``--rpc-tracker`` the user's devices are used. Without it, tvmedge starts a
-    tracker on loopback and one server: a local one for a host target, an emulated device
-    (qemu) for a target that has an emulator, and stops them afterwards. ``threads``: the
-    local server's thread pool (candidates are timed with it); default all cores.
-    """
-    from ..deploy import rpc
-
-    if tracker_arg:
-        tracker = rpc.parse_host_port(tracker_arg)
-        key = key or device.rpc_key or device.name
-        free = sum(d.get("free", 0) for d in rpc.list_devices(tracker) if d["key"] == key)
-        if free == 0:
-            raise TvmedgeError(f"no free device under key '{key}' at tracker {tracker[0]}:{tracker[1]} "
-                               f"(start one with `tvmedge device serve --tracker {tracker[0]}:{tracker[1]} --key {key}`)")
-        yield tracker, key, free, bool(emulate)
-        return
-    with contextlib.ExitStack() as stack:
-        tr = rpc.start_tracker()
-        stack.callback(tr.stop)
-        key = key or device.rpc_key or device.name
-        from ..run import arch_of_target
-        from ..target import host_target_dict
-
-        native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
-        if device.device == "cpu" and native:
-            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
-            # TMPDIR: each server's sessions work under its own folder, which is how the
-            # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
-            tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
-            stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
-            srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
-            stack.callback(srv.stop)
-            yield (tr.host, tr.port), key, 1, False
-        elif device.emulator:
-            from ..deploy.emulate import EmulatedDevice
-
-            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + an EMULATED {device.name} (qemu); "
-                "its timings are not the real device's")
-            stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
-            yield (tr.host, tr.port), key, 1, True
-        else:
-            raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
-                               "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
-
-
-def _alive(tracker: tuple[str, int], key: str):
-    """Whether a server is still registered under ``key`` (a few polls, to ride out a reconnect)."""
-    def check() -> bool:
-        from ..deploy import rpc
-
-        for attempt in range(6):
-            try:
-                if any(d["key"] == key and d["total"] > 0 for d in rpc.list_devices(tracker)):
-                    return True
-            except TvmedgeError:
-                pass
-            time.sleep(1.0)
-        return False
-    return check
-
-
-def measure_model(model, device, tracker, key, db_dir: str | None, repeat: int, workdir: Path,
-                  label: str) -> dict[str, Any]:
-    """Compile (with or without the database) and time it on the device through the tracker."""
-    from ..build import compile_model
-    from ..deploy import rpc
-    from ..run import run_artifact
-
-    art = workdir / f"{label}.tar"
-    compile_model(model, device, art, tuning_db=db_dir)
-    session = rpc.connect(tracker=tracker, key=key, timeout=300)
-    res = run_artifact(art, repeat=repeat, session=session)
-    return {"artifact": str(art), "latency_ms": res.latency_summary(), "outputs": res.outputs}
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -103,21 +17,20 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from ..frontend import load_model, parse_shapes
     from ..target import resolve
-    from .tuner import tune_model
+    from .pool import device_pool, measure_model
+    from .tuner import TuneOptions, tune_model
 
     console = Console(stderr=args.json, highlight=False)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
-    with device_pool(device, args.rpc_tracker, args.rpc_key, None, log=lambda m: console.print(m, markup=False)) as pool:
-        tracker, key, free, emulated = pool
-        emulated = emulated or bool(args.emulated)
-        report = tune_model(model, device, args.tuning_db, args.trials, tracker, key, n_devices=free,
-                            resume=args.resume, emulated=emulated, progress=not args.json,
-                            device_alive=_alive(tracker, key))
+    with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
+                     log=lambda m: console.print(m, markup=False)) as pool:
+        report = tune_model(model, device, args.tuning_db, TuneOptions(args.trials, resume=args.resume), pool,
+                            progress=not args.json)
         if not args.no_compare:
             with tempfile.TemporaryDirectory(prefix="tvmedge-tune-") as tmp:
-                tuned = measure_model(model, device, tracker, key, args.tuning_db, args.repeat, Path(tmp), "tuned")
-                untuned = measure_model(model, device, tracker, key, None, max(3, args.repeat // 4), Path(tmp), "untuned")
+                tuned = measure_model(model, device, pool, args.tuning_db, args.repeat, Path(tmp), "tuned")
+                untuned = measure_model(model, device, pool, None, max(3, args.repeat // 4), Path(tmp), "untuned")
             report["latency_ms"] = {"tuned": tuned["latency_ms"], "untuned": untuned["latency_ms"]}
             # Each kernel's record is at least as fast as its default schedule when measured
             # alone; end to end that need not hold (noisy or emulated devices): say so.
@@ -141,7 +54,7 @@ def run_tune(args: argparse.Namespace) -> int:
     console.print(f"budget {report['trials_budget']} trials: {report['trials_run']} run in {report['tuning_seconds']:.0f}s "
                   f"({report['trials_per_iter']} per round), {reused} task(s) reused from the database, "
                   f"{converged} stopped early (converged); measured on {report['devices_used']} of "
-                  f"{report['devices_available']} device(s) under key '{key}'{tag}")
+                  f"{report['devices_available']} device(s) under key '{pool.key}'{tag}")
     if "latency_ms" in report:
         lat = report["latency_ms"]
         ort = report.get("onnxruntime_ms")
@@ -162,7 +75,7 @@ def _onnxruntime_here(model_path: str, model, device, outputs, report) -> dict[s
     if report["emulated"] or not str(model_path).endswith(".onnx") or device.device != "cpu" or device.cross_compiler:
         return None
     from ..bench.peers import onnxruntime_latency, summarize
-    from ..run import random_inputs
+    from ..core.model import random_inputs
 
     inputs = random_inputs([i.to_dict() for i in model.inputs])
     return summarize(onnxruntime_latency(model_path, inputs, os.cpu_count() or 1, repeat=20))

@@ -1,5 +1,5 @@
-"""Relax passes around tuning: prepare a model for task extraction, apply a database, find
-the databases shipped in ``schedules/`` for a target's ISA class.
+"""Relax passes around tuning: prepare a model for task extraction, and compile with one
+or more tuning databases (the shipped ones are found by :mod:`tvmedge.tune.shipped`).
 
 Weights are constants in tvmedge's modules, so MetaSchedule's layout rewrite of weights
 (prepacking, e.g. into NCHWc-friendly tiles) is folded at compile time: the deployed
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 
-# compile (tvmedge/build.py) finds the shipped databases through this module.
-from .shipped import open_databases, schedules_dir, shipped_class_dir, shipped_databases  # noqa: F401
+from .shipped import open_databases
 
 
 def prepare(mod, target):

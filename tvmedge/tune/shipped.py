@@ -4,7 +4,7 @@ Like TVM's old TopHub: a ready start when the user has no records of their own. 
 databases a target gets is decided by its ISA class (:mod:`tvmedge.isa`, from the target's
 CPU features, never its name) and the installed TVM version series; see
 ``schedules/README.md``. :func:`open_databases` opens several databases as one, in that
-order of precedence. ``compile`` reaches both through ``tvmedge.tune.pipeline``.
+order of precedence; ``compile`` (``tvmedge.build``) uses both.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def shipped_databases(device, root: Path | None = None) -> list[Path]:
     """Tuning databases shipped for ``device``'s ISA class and this TVM version, best first.
 
     The target's own class first, then each class it is a superset of (the order
-    ``tvmedge.tune.pipeline.open_databases`` gives precedence by). A database whose records
+    :func:`open_databases` gives precedence by). A database whose records
     need a class the target lacks (e.g. VNNI-tensorized records filed in the wrong folder)
     is skipped with a warning, so such code never reaches a CPU without it. ``root``:
     another ``schedules/`` folder to look in (default: the shipped one).

@@ -23,8 +23,10 @@ from typing import Any, Callable
 
 from ..core.errors import TvmedgeError
 from ..core.model import ImportedModel
+from ..core.progress import Reporter
 from ..target import Device
 from .database import TuningDatabase
+from .pool import DevicePool
 
 # A task has converged when its best latency improved by less than this fraction over
 # the last CONVERGE_ROUNDS measured batches.
@@ -181,22 +183,30 @@ def _as_measure_callback(fn: Callable) -> Any:
     return TvmedgeCallback()
 
 
-def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, trials: int,
-               tracker: tuple[str, int], key: str, n_devices: int = 1, resume: bool = False,
-               emulated: bool = False, progress: bool = True,
-               device_alive: Callable[[], bool] = lambda: True,
-               trials_per_iter: int | None = None, retune: bool = False) -> dict[str, Any]:
-    """Tune ``model`` for ``device`` into ``db_dir``; returns the report (as a dict).
+@dataclass
+class TuneOptions:
+    """How to spend a tuning run: ``trials`` for the model (all its tasks together);
+    ``resume`` an interrupted run (its budget then comes from the database's state);
+    ``retune`` tasks the database already finished (warm-started from their records) instead
+    of reusing them; ``trials_per_iter``: candidates measured per round (default: from the
+    budget)."""
 
-    ``retune`` spends the budget on tasks the database already finished too (warm-started
-    from their records) instead of reusing them as they are.
-    """
+    trials: int
+    resume: bool = False
+    retune: bool = False
+    trials_per_iter: int | None = None
+
+
+def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, options: TuneOptions,
+               pool: DevicePool, progress: bool | Reporter = True) -> dict[str, Any]:
+    """Tune ``model`` for ``device`` into ``db_dir``, measuring on ``pool``; returns the report."""
     from .measure import devices_used
 
     target = device.target
     with TuningDatabase(db_dir, write=True) as db:
         last = db.state.get("last_run")
-        if resume:
+        trials = options.trials
+        if options.resume:
             if not last or last.get("completed", True):
                 raise TvmedgeError(f"nothing to resume in {db_dir}: its last tuning run completed "
                                    "(run without --resume to tune more)")
@@ -213,11 +223,11 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
             st = db.state["tasks"].get(info.key, {})
             info.prior_trials = st.get("trials", 0)
             info.best_us = st.get("best_us")
-            if st.get("finished") and not retune and database.has_workload(t.dispatched[0]):
+            if st.get("finished") and not options.retune and database.has_workload(t.dispatched[0]):
                 info.status = "reused"
             else:
                 todo.append((t, info))
-        if resume:
+        if options.resume:
             # What the interrupted run spent, task by task, from the trial counts it started with.
             start = last.get("start_trials") or {i.key: 0 for _, i in todo}
             spent = {i.key: max(0, i.prior_trials - start.get(i.key, i.prior_trials)) for _, i in todo}
@@ -236,13 +246,12 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "start_trials": start}
         db.save_state()
 
-        per_iter = trials_per_iter or max(4, min(64, budget // max(1, 2 * len(todo)) or 4))
+        per_iter = options.trials_per_iter or max(4, min(64, budget // max(1, 2 * len(todo)) or 4))
         device_log = Path(tempfile.mkdtemp(prefix="tvmedge-devlog-")) / "devices.txt"
         t0 = time.perf_counter()
         lost = False
         if todo and budget > 0:
-            lost = _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, key,
-                               n_devices, emulated, progress, device_alive, device_log)
+            lost = _run_tuning(todo, database, db, device, budget, per_iter, pool, Reporter.of(progress), device_log)
         for _, info in todo:
             if info.status == "pending":
                 info.status = "tuned" if info.trials else "stopped"
@@ -258,23 +267,22 @@ def tune_model(model: ImportedModel, device: Device, db_dir: str | os.PathLike, 
             "model": os.path.basename(model.source), "target": device.name, "database": str(db_dir),
             "trials_budget": trials, "trials_run": sum(i.trials for i in tasks),
             "trials_per_iter": per_iter, "tuning_seconds": round(time.perf_counter() - t0, 1),
-            "devices_used": used, "devices_available": n_devices, "emulated": emulated,
+            "devices_used": used, "devices_available": pool.free, "emulated": pool.emulated,
             "tasks": [{"name": i.name, "weight": i.weight, "flops": i.flops, "trials": i.trials,
                        "trials_total": i.prior_trials + i.trials, "best_us": i.best_us, "default_us": i.default_us,
                        "gflops": i.gflops, "status": i.status} for i in tasks],
         }
         if lost:
             kept = sum(db.state["tasks"].get(i.key, {}).get("trials", 0) for i in tasks)
-            raise TvmedgeError(f"device '{key}' was lost mid-tune (no server left under that key at the tracker); "
+            raise TvmedgeError(f"device '{pool.key}' was lost mid-tune (no server left under that key at the tracker); "
                                f"the database {db_dir} keeps every record measured so far ({kept} trials for "
                                "this model): restart the device and run again with --resume")
     return report
 
 
-def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, key, n_devices,
-                emulated, progress, device_alive, device_log) -> bool:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+def _run_tuning(todo: list, database: Any, db: TuningDatabase, device: Device, budget: int, per_iter: int,
+                pool: DevicePool, progress: Reporter, device_log: Path) -> bool:
+    """Run MetaSchedule over the tasks ``todo``; returns whether the device was lost."""
     from tvm.s_tir import meta_schedule as ms
 
     from .measure import make_builder, make_runner
@@ -290,6 +298,7 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     # as good candidates much sooner.
     population = 512 if per_task >= 128 else 256 if per_task >= 32 else 96
     stopped: set[int] = set()
+    target = device.target
     contexts = [ms.TuneContext(mod=t.dispatched[0], target=target, space_generator="post-order-apply",
                                search_strategy=_stoppable(ms.search_strategy.EvolutionarySearch(
                                    population_size=population, init_min_unmeasured=min(50, population // 2),
@@ -299,12 +308,9 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     weights = [float(t.weight) for t, _ in todo]
     workers = os.cpu_count() or 1
     builder = make_builder(device.cross_compiler, workers, timeout_s=300 if device.cross_compiler else 120)
-    runner = make_runner(tracker, key, max(1, n_devices), session_timeout_s=300 if emulated else 60,
-                         device_log=device_log, emulated=emulated)
-    bar = Progress(TextColumn("[bold]tuning[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("trials"),
-                   TextColumn("{task.fields[best]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn(), disable=not progress, transient=False)
-    job = bar.add_task("tune", total=budget, best="")
+    runner = make_runner(pool.tracker, pool.key, max(1, pool.free), session_timeout_s=300 if pool.emulated else 60,
+                         device_log=device_log, emulated=pool.emulated)
+    bar: Any = None  # the progress bar, while MetaSchedule runs
     # The default rules' schedules, measured on the device, are the records to beat.
     seeded = seed_default_records([t for t, _ in todo], database, target, builder, runner)
     for t, info in todo:
@@ -315,13 +321,13 @@ def _run_tuning(todo, database, db, target, device, budget, per_iter, tracker, k
     def on_batch() -> None:
         done = sum(i.trials for i in infos)
         est = sum(i.weight * i.best_us for i in infos if i.best_us) / 1e3
-        bar.update(job, completed=min(done, budget), best=f"best model est. {est:.2f} ms" + (" (emulated)" if emulated else ""))
+        bar.update(completed=min(done, budget), status=f"best model est. {est:.2f} ms" + (" (emulated)" if pool.emulated else ""))
 
-    callback = _Callback(infos, db, on_batch, device_alive, stopped)
+    callback = _Callback(infos, db, on_batch, pool.alive, stopped)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_as_measure_callback(callback)]
     work_dir = db.path / "logs"  # MetaSchedule's per-task logs, kept for the user
     try:
-        with bar:
+        with progress.bar("tuning (trials)", budget, transient=False, remaining=True) as bar:
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir), max_trials_global=budget,
                           max_trials_per_task=budget, num_trials_per_iter=per_iter, builder=builder, runner=runner,
                           database=database, cost_model="xgb", measure_callbacks=callbacks,

@@ -1,0 +1,110 @@
+"""The devices candidates are measured on: :class:`DevicePool` (a tracker, a key, how many
+free devices, whether they are emulated) and :func:`device_pool`, which finds the user's
+devices or starts local ones for the duration of a ``with`` block.
+
+Tuning, ``tvmedge tune``'s end-to-end comparison, the demo and the benchmarks all measure
+through one of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..core.errors import TvmedgeError
+from ..deploy import rpc
+
+
+@dataclass
+class DevicePool:
+    """Devices registered at ``tracker`` under ``key``."""
+
+    tracker: tuple[str, int]
+    key: str
+    free: int = 1
+    emulated: bool = False
+
+    def alive(self, polls: int = 6, interval_s: float = 1.0) -> bool:
+        """Whether a server is still registered under the key (a few polls, to ride out a reconnect)."""
+        for attempt in range(polls):
+            try:
+                if any(d["key"] == self.key and d["total"] > 0 for d in rpc.list_devices(self.tracker)):
+                    return True
+            except TvmedgeError:
+                pass
+            if attempt + 1 < polls:
+                time.sleep(interval_s)
+        return False
+
+    def connect(self, timeout: float = 300) -> Any:
+        """An RPC session on one of the devices."""
+        return rpc.connect(tracker=self.tracker, key=self.key, timeout=timeout)
+
+
+@contextlib.contextmanager
+def device_pool(device: Any, tracker: str | None = None, key: str | None = None, emulated: bool = False,
+                log: Callable[[str], Any] = print, threads: int | None = None) -> Iterator[DevicePool]:
+    """The devices to tune and run on, for the duration of the ``with`` block.
+
+    With ``tracker`` (``HOST:PORT``, the CLI's ``--rpc-tracker``) the user's devices are
+    used; ``emulated`` says they are emulators (timings are labelled so). Without it,
+    tvmedge starts a tracker on loopback and one server: a local one for a host target, an
+    emulated device (qemu) for a target that has an emulator, and stops them afterwards.
+    ``threads``: the local server's thread pool (candidates are timed with it); default all
+    cores.
+    """
+    key = key or device.rpc_key or device.name
+    if tracker:
+        addr = rpc.parse_host_port(tracker)
+        free = sum(d.get("free", 0) for d in rpc.list_devices(addr) if d["key"] == key)
+        if free == 0:
+            raise TvmedgeError(f"no free device under key '{key}' at tracker {addr[0]}:{addr[1]} "
+                               f"(start one with `tvmedge device serve --tracker {addr[0]}:{addr[1]} --key {key}`)")
+        yield DevicePool(addr, key, free, emulated)
+        return
+    from ..run import arch_of_target
+    from ..target import host_target_dict
+
+    with contextlib.ExitStack() as stack:
+        tr = rpc.start_tracker()
+        stack.callback(tr.stop)
+        native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
+        if device.device == "cpu" and native:
+            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
+            # TMPDIR: each server's sessions work under its own folder, which is how the
+            # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
+            tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
+            stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
+            srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
+                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
+            stack.callback(srv.stop)
+            yield DevicePool((tr.host, tr.port), key, 1, False)
+        elif device.emulator:
+            from ..deploy.emulate import EmulatedDevice
+
+            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + an EMULATED {device.name} (qemu); "
+                "its timings are not the real device's")
+            stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
+            yield DevicePool((tr.host, tr.port), key, 1, True)
+        else:
+            raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
+                               "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
+
+
+def measure_model(model: Any, device: Any, pool: DevicePool, db_dir: str | os.PathLike | None, repeat: int,
+                  workdir: Path, label: str) -> dict[str, Any]:
+    """Compile ``model`` (with the database ``db_dir``, or the default schedules without one)
+    and time it on one of the pool's devices; returns the artifact, latency summary, outputs."""
+    from ..build import compile_model
+    from ..run import run_artifact
+
+    art = workdir / f"{label}.tar"
+    compile_model(model, device, art, tuning_db=db_dir)
+    res = run_artifact(art, repeat=repeat, session=pool.connect())
+    return {"artifact": str(art), "latency_ms": res.latency_summary(), "outputs": res.outputs}
