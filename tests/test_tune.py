@@ -60,9 +60,25 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
     state = json.loads((db / STATE).read_text())
     assert state["last_run"]["completed"] is True
 
-    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "t.tar"), "--tuning-db", str(db), "--json")
+    # tune's end-to-end comparison is stored for compile to follow.
+    (verdict,) = state["end_to_end"].values()
+    assert verdict["faster"] == ("default" if rep["tuned_slower_than_default"] else "tuned") == rep["end_to_end"]["faster"]
+    assert verdict["tuned_ms"] == round(rep["latency_ms"]["tuned"]["median"], 4)
+
+    # A model measured slower with its records than with the defaults is compiled with the
+    # defaults, and says so; --always-apply-records overrides.
+    forced = dict(state, end_to_end={k: dict(v, faster="default", tuned_ms=2.0, default_ms=1.0)
+                                     for k, v in state["end_to_end"].items()})
+    (db / STATE).write_text(json.dumps(forced))
+    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "d.tar"), "--tuning-db", str(db))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["tuning_db"] == str(db)
+    assert "slower end to end with these records" in proc.stdout and "kernels: 0 from tuning records" in proc.stdout
+    proc = tvmedge("compile", str(digits_onnx), "-o", str(tmp_path / "t.tar"), "--tuning-db", str(db), "--json",
+                   "--always-apply-records")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(proc.stdout)
+    assert meta["tuning_db"] == str(db) and meta["tuning_db_skipped"] is None and meta["schedules"]["tuned"] > 0
+    (db / STATE).write_text(json.dumps(state))
     x = zoo.example_input(zoo.get("digits-cnn"), seed=5).numpy()
     np.savez(tmp_path / "in.npz", input=x)
     proc = tvmedge("run", str(tmp_path / "t.tar"), "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "o.npz"))

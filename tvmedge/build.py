@@ -99,16 +99,25 @@ def metadata(model: ImportedModel, device: Device, tuning_db: str | None, second
 
 
 def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
-                  tuning_db: str | os.PathLike | None = None, use_shipped: bool = False) -> dict[str, Any]:
+                  tuning_db: str | os.PathLike | None = None, use_shipped: bool = False,
+                  keep_faster: bool = True) -> dict[str, Any]:
     """Compile ``model`` for ``device`` and write the artifact ``out`` atomically.
 
     ``use_shipped``: without a ``tuning_db``, apply the databases shipped in ``schedules/``
     for the target's ISA class (and the classes it is a superset of), if any.
+    ``keep_faster``: when ``tvmedge tune`` measured this model, tuned with ``tuning_db``,
+    slower end to end on this target than with the default schedules, compile with the
+    defaults (the metadata's ``tuning_db_skipped`` says why).
     """
     out = Path(out)
     if out.suffix != ".tar":
         raise TvmedgeError(f"artifact name must end in .tar: {out}")
     t0 = time.perf_counter()
+    skipped = None
+    if isinstance(tuning_db, (str, os.PathLike)) and keep_faster:
+        skipped = _slower_than_default(model, device, tuning_db)
+        if skipped:
+            tuning_db = None
     if tuning_db is None and use_shipped:
         from .tune.shipped import shipped_databases
 
@@ -127,5 +136,22 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         meta["library_bytes"] = lib.stat().st_size
         meta["library_sha256"] = file_sha256(lib)
         meta["schedules"] = schedules.to_dict()
+        meta["tuning_db_skipped"] = skipped
         write_artifact(out, lib, meta)
     return meta
+
+
+def _slower_than_default(model: ImportedModel, device: Device, tuning_db: str | os.PathLike) -> str | None:
+    """Why ``tuning_db``'s records are not applied to ``model`` (None: they are)."""
+    from .tune.database import TuningDatabase, model_key
+
+    try:
+        verdict = TuningDatabase(tuning_db).end_to_end(model_key(model), device.name)
+    except TvmedgeError:
+        return None  # no readable database: building with it will say so
+    if verdict is None or verdict["faster"] != "default":
+        return None
+    tag = " (emulated)" if verdict.get("emulated") else ""
+    return (f"tvmedge tune measured this model slower end to end with these records than with the default "
+            f"schedules on {device.name}{tag} ({verdict['tuned_ms']:.3f} vs {verdict['default_ms']:.3f} ms): "
+            "compiled with the default schedules (--always-apply-records to apply them anyway)")

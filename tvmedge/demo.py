@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.progress import console as make_console
+
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
@@ -125,9 +127,8 @@ def _table(console, part: dict, base: str | None = None) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
-    console = Console(highlight=False)
+    console = make_console()
     work = Path(args.workdir or "out/demo")
     work.mkdir(parents=True, exist_ok=True)
     threads = os.cpu_count() or 1

@@ -7,19 +7,20 @@ of them, e.g. xnor_gemm and bconv2d on one chart).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from ..core.jsonio import dumps
+from ..core.progress import console as make_console
 
 MARKERS = {"numpy_fp32": "s", "numba": "o", "opencl": "^", "cupy": "D", "tvm": "v"}
 
 
-def print_table(result: dict, console: Console | None = None) -> None:
+def print_table(result: dict, console: Any = None) -> None:
     """Rich table of one bench result, with the peak model underneath."""
-    console = console or Console()
+    console = console or make_console()
     m = result["machine"]
     t = Table(title=f"{result['kernel']}: median of {result['repeat']} samples")
     for col in ("shape", "backend", "median ms", "p10-p90 ms", "GOP/s", "x numpy fp32",

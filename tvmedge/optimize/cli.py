@@ -16,8 +16,8 @@ from ..core.errors import TvmedgeError
 from ..core.jsonio import dumps
 from ..core.model import ImportedModel
 from ..core.progress import Reporter
+from ..core.progress import console as make_console
 from .passes import PassContext, Pipeline, RewriteOptions, passes_from_options
-
 
 def add_optimize_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression rewrites")
@@ -81,12 +81,11 @@ def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: boo
 
 
 def print_report(report: dict[str, Any], out=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     stream = out or sys.stdout
     # Piped or logged output gets rich's 80 columns, too narrow for the per-layer tables.
-    console = Console(file=stream, width=None if stream.isatty() else 160)
+    console = make_console(file=stream)
     for rep in report["rewrites"]:
         layers = rep.get("layers", [])
         if rep["rewrite"] == "finetune":  # trains the rewritten layers' weights, rewrites none

@@ -4,8 +4,10 @@ Layout of ``DIR`` (MetaSchedule's own JSON database format, so TVM can read it d
 
 - ``database_workload.json`` / ``database_tuning_record.json`` — the records;
 - ``tvmedge-state.json`` — per (workload, target) task: trials spent, whether the task is
-  finished (converged or out of budget), best latency; and the last run's settings so
-  ``--resume`` can continue it;
+  finished (converged or out of budget), best latency; the last run's settings so
+  ``--resume`` can continue it; and per (model, target) the end-to-end verdict of
+  ``tvmedge tune``'s comparison (``end_to_end``), which ``compile`` follows: a model whose
+  tuned build measured slower than its default schedules is compiled with the defaults;
 - ``.lock`` — held while a ``tvmedge tune`` writes to the directory.
 
 While tuning, MetaSchedule appends to a *staging* copy in ``DIR/.staging/``; after every
@@ -106,6 +108,29 @@ class TuningDatabase:
 
     def task_state(self, key: str) -> dict[str, Any]:
         return self.state["tasks"].setdefault(key, {"trials": 0, "finished": False, "best_us": None})
+
+    def end_to_end(self, model_key: str, target: str) -> dict[str, Any] | None:
+        """The last end-to-end comparison of tuned vs default schedules for a model on a target."""
+        entry = self.state.get("end_to_end", {}).get(f"{model_key}@{target}")
+        return entry if isinstance(entry, dict) and entry.get("faster") in ("tuned", "default") else None
+
+    def record_end_to_end(self, model_key: str, target: str, tuned_ms: float, default_ms: float,
+                          emulated: bool, margin: float = 1.05) -> dict[str, Any]:
+        """Store a comparison; the defaults win only when the tuned build is slower by more than
+        ``margin`` (within it, the difference is the device's noise)."""
+        entry = {"tuned_ms": round(tuned_ms, 4), "default_ms": round(default_ms, 4), "emulated": emulated,
+                 "faster": "default" if tuned_ms > margin * default_ms else "tuned"}
+        self.state.setdefault("end_to_end", {})[f"{model_key}@{target}"] = entry
+        self.save_state()
+        return entry
+
+
+def model_key(model: Any) -> str:
+    """Names a model as compiled: its source file's hash plus the rewrites applied to it."""
+    import hashlib
+
+    rewrites = hashlib.sha256(json.dumps(model.rewrites, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{model.sha256[:16]}+{rewrites}"
 
     # ------------------------------------------------------------ MetaSchedule access
     def open_staging(self):

@@ -99,12 +99,20 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
 
 def measure_model(model: Any, device: Any, pool: DevicePool, db_dir: str | os.PathLike | None, repeat: int,
                   workdir: Path, label: str) -> dict[str, Any]:
-    """Compile ``model`` (with the database ``db_dir``, or the default schedules without one)
-    and time it on one of the pool's devices; returns the artifact, latency summary, outputs."""
+    """Compile ``model`` (with all of ``db_dir``'s records, or the default schedules without
+    one) and time it on one of the pool's devices; returns the artifact, latency summary,
+    outputs."""
     from ..build import compile_model
-    from ..run import run_artifact
 
     art = workdir / f"{label}.tar"
-    compile_model(model, device, art, tuning_db=db_dir)
+    compile_model(model, device, art, tuning_db=db_dir, keep_faster=False)
+    return time_artifact(art, pool, repeat)
+
+
+def time_artifact(art: str | os.PathLike, pool: DevicePool, repeat: int) -> dict[str, Any]:
+    """Time a compiled artifact on one of the pool's devices."""
+    from ..run import run_artifact
+
     res = run_artifact(art, repeat=repeat, session=pool.connect())
-    return {"artifact": str(art), "latency_ms": res.latency_summary(), "outputs": res.outputs}
+    return {"artifact": str(art), "latency_ms": res.latency_summary(), "outputs": res.outputs,
+            "latencies_ms": res.latencies_ms}
