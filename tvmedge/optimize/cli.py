@@ -102,6 +102,12 @@ def print_report(report: dict[str, Any], out=None) -> None:
             console.print(table)
         else:
             console.print(f"{rep['rewrite']}: no layer rewritten")
+        if rep["rewrite"] == "lowrank" and rep.get("model_flops_before"):
+            console.print(f"lowrank: kept spectral energy {rep['energy']:.4g} per layer; model FLOPs "
+                          f"{rep['model_flops_before'] / 1e6:.1f} M -> {rep['model_flops_after'] / 1e6:.1f} M "
+                          f"(ratio {rep['model_flops_after'] / rep['model_flops_before']:.3f}"
+                          + (f", asked {rep['flops_ratio']:.3g} of the weight layers'" if rep.get("flops_ratio") else "")
+                          + ")")
         for s in rep.get("skipped", []):
             console.print(f"  skipped {s['layer']}: {s['reason']}")
     c = report["check"]

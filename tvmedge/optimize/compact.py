@@ -146,8 +146,7 @@ def compact(model: ImportedModel, calib: Dataset, max_error: float = 0.05,
                 reason = ("no structure with fewer FLOPs" if best is None else
                           f"best candidate {best['structure']} (width {best['width']}) has output error "
                           f"{best['error']:.3g} > {max_error}")
-                report["skipped"].append({"layer": layer, "reason": reason})
-                progress.line(f"compact: {layer} skipped: {reason}")
+                report["skipped"].append({"layer": layer, "reason": reason})  # listed once, in the report
                 return call
             c = ok[0]
             x = call.args[0]

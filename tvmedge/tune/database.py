@@ -125,13 +125,6 @@ class TuningDatabase:
         return entry
 
 
-def model_key(model: Any) -> str:
-    """Names a model as compiled: its source file's hash plus the rewrites applied to it."""
-    import hashlib
-
-    rewrites = hashlib.sha256(json.dumps(model.rewrites, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{model.sha256[:16]}+{rewrites}"
-
     # ------------------------------------------------------------ MetaSchedule access
     def open_staging(self):
         """A MetaSchedule JSONDatabase on a staging copy of the records (for tuning)."""
@@ -256,3 +249,11 @@ def export_best(src: str | os.PathLike, dest: str | os.PathLike) -> int:
     if (src / STATE).exists():
         atomic_write(dest / STATE, (src / STATE).read_bytes())
     return len(best)
+
+
+def model_key(model: Any) -> str:
+    """Names a model as compiled: its source file's hash plus the rewrites applied to it."""
+    import hashlib
+
+    rewrites = hashlib.sha256(json.dumps(model.rewrites, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{model.sha256[:16]}+{rewrites}"
