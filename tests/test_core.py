@@ -13,6 +13,8 @@ import torch
 
 from tvmedge import zoo
 from tvmedge.build import compile_model
+from tvmedge.deploy.address import format_host_port
+from tvmedge.deploy.launch import start_server, start_tracker
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
@@ -216,16 +218,14 @@ def test_device_descriptions_resolve():
 
 def test_error_unreachable_tracker_and_remote_run(tmp_path):
     """`run` through a tracker: one line when nobody listens there; a real run when a device is up."""
-    from tvmedge.deploy import rpc
-
     cli("zoo", "export", "digits-cnn", "-o", str(tmp_path / "d.onnx"), check=True)
     cli("compile", str(tmp_path / "d.onnx"), "-o", str(tmp_path / "d.tar"), check=True)
     line = one_line_error(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "pi4"))
     assert "127.0.0.1:1" in line
     local = json.loads(cli("run", str(tmp_path / "d.tar"), "--json", "--repeat", "2", "--outputs",
                            str(tmp_path / "local.npz"), check=True).stdout)
-    with rpc.start_tracker() as tr, rpc.start_server(tr.addr, "here"):
-        remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", rpc.format_host_port(tr.addr),
+    with start_tracker() as tr, start_server(tr.addr, "here"):
+        remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", format_host_port(tr.addr),
                                 "--rpc-key", "here", "--json", "--repeat", "2", "--outputs",
                                 str(tmp_path / "remote.npz"), check=True).stdout)
     assert remote["latency_ms"]["median"] > 0 and remote["device"] != local["device"]

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from .deploy.address import parse_host_port
+from .deploy.session import connect
 from .errors import TvmedgeError, first_line
 from .jsonio import dumps
 
@@ -61,14 +63,11 @@ def _session(args: argparse.Namespace):
         if args.rpc_key:
             raise TvmedgeError("--rpc-key needs --rpc-tracker HOST:PORT")
         return None
-    from .deploy import rpc
-
     if args.rpc_tracker:
         if not args.rpc_key:
             raise TvmedgeError("--rpc-tracker needs --rpc-key KEY")
-        return rpc.connect(tracker=rpc.parse_host_port(args.rpc_tracker), key=args.rpc_key,
-                           timeout=args.rpc_timeout)
-    return rpc.connect(host_port=rpc.parse_host_port(args.rpc_host), timeout=args.rpc_timeout)
+        return connect(tracker=parse_host_port(args.rpc_tracker), key=args.rpc_key, timeout=args.rpc_timeout)
+    return connect(host_port=parse_host_port(args.rpc_host), timeout=args.rpc_timeout)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import TvmedgeError
-from . import rpc
+from .address import HostPort, as_host_port, format_host_port, parse_host_port, public_host
+from .launch import Server, Tracker, start_server, start_tracker
 from .sysroot import Sysroot, prepare_sysroot
+from .tracker import server_registered, tracker_summary
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,13 @@ class EmulatedDevice:
     (default: stderr).
     """
 
-    def __init__(self, kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str | None = None,
+    def __init__(self, kind: str = "pi4", tracker: HostPort | str | None = None, key: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, *, timeout: float = START_TIMEOUT_S,
                  sysroot: Sysroot | None = None, log: Callable[[str], None] | None = None,
                  restart_on_crash: bool = True):
         self.board = _board(kind)
         self.kind = kind
-        self.tracker = rpc.as_host_port(tracker) if tracker is not None else None
+        self.tracker = as_host_port(tracker) if tracker is not None else None
         self.key = key or kind
         self.host = host
         self.port = port
@@ -99,7 +101,7 @@ class EmulatedDevice:
         self.sysroot = sysroot
         self._log = log
         self.restart_on_crash = restart_on_crash
-        self.server: rpc.Server | None = None
+        self.server: Server | None = None
         self.restarts = 0
         self.failure: str | None = None
         self.started_s: float | None = None
@@ -137,7 +139,7 @@ class EmulatedDevice:
             self._watcher.start()
         return self
 
-    def _start_server(self) -> rpc.Server:
+    def _start_server(self) -> Server:
         assert self.sysroot is not None and self._wrapper is not None
         # The host's Python/loader settings mean nothing to the arm64 Python: drop them.
         env: dict[str, str | None] = {k: None for k in os.environ
@@ -145,9 +147,9 @@ class EmulatedDevice:
         env.update(PYTHONPATH=str(self.sysroot.site_packages), PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1",
                    TVMEDGE_EMU_EXECUTABLE=str(self._wrapper), TVMEDGE_EMULATED=self.kind)
         try:
-            return rpc.start_server(self.tracker, self.key, host=self.host, port=self._requested_port,
-                                    load_library=[str(self.sysroot.runtime_extra_lib)], env=env,
-                                    python=str(self._wrapper), timeout=self.timeout)
+            return start_server(self.tracker, self.key, host=self.host, port=self._requested_port,
+                                load_library=[str(self.sysroot.runtime_extra_lib)], env=env,
+                                python=str(self._wrapper), timeout=self.timeout)
         except TvmedgeError as e:
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
 
@@ -164,10 +166,8 @@ class EmulatedDevice:
             srv = self.server
             if srv is None:
                 return
-            try:
-                listed = any(a[1] == srv.port for a in
-                             rpc._servers_by_key(rpc.tracker_summary(self.tracker, 2.0)).get(self.key, []))
-            except TvmedgeError:
+            listed = server_registered(self.tracker, self.key, srv.port)
+            if listed is None:
                 continue  # the tracker is away: nothing a restart would fix
             if listed and srv.alive():
                 missing = 0
@@ -229,7 +229,7 @@ class EmulatedDevice:
         return {
             "kind": self.kind, "key": self.key, "emulated": True, "description": self.board.description,
             "target": self.board.target, "arch": self.board.arch, "qemu_cpu": self.board.qemu_cpu,
-            "tracker": rpc.format_host_port(self.tracker) if self.tracker else None,
+            "tracker": format_host_port(self.tracker) if self.tracker else None,
             "server": self.address, "running": self.alive(), "startup_seconds": self.started_s,
             "restarts": self.restarts, "failure": self.failure,
             "sysroot": str(self.sysroot.path) if self.sysroot else None,
@@ -241,7 +241,7 @@ class EmulatedDevice:
         return f"<EmulatedDevice {self.kind} key={self.key} server={self.address} emulated>"
 
 
-def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str | None = None,
+def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | None = None,
          host: str = "127.0.0.1", port: int | None = None, count: int = 1,
          out: Callable[[str], None] | None = None) -> int:
     """Run ``count`` emulated ``kind`` boards in the foreground until Ctrl-C (SIGTERM, SIGHUP).
@@ -253,10 +253,10 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
     say = out or (lambda msg: print(msg, flush=True))
     board = _board(kind)
     key = key or kind
-    tracker = rpc.as_host_port(tracker) if tracker is not None else None
+    tracker = as_host_port(tracker) if tracker is not None else None
     if count < 1:
         raise TvmedgeError("--count must be at least 1")
-    own_tracker: rpc.Tracker | None = None
+    own_tracker: Tracker | None = None
     devices: list[EmulatedDevice] = []
 
     def on_term(signum, frame):  # SIGTERM / SIGHUP: stop as for Ctrl-C
@@ -266,11 +266,11 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
         if _main_thread() else {}
     try:
         if tracker is None:
-            own_tracker = rpc.start_tracker(host)
+            own_tracker = start_tracker(host)
             tracker = own_tracker.addr
-            say(f"started RPC tracker at {rpc.format_host_port((_public(host), own_tracker.port))}")
+            say(f"started RPC tracker at {format_host_port((public_host(host), own_tracker.port))}")
         else:
-            rpc.tracker_summary(tracker)  # fail now if unreachable
+            tracker_summary(tracker)  # fail now if unreachable
         sysroot = prepare_sysroot(board.arch)
         for i in range(count):
             say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.qemu_cpu})"
@@ -279,9 +279,9 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
                                  log=say)
             devices.append(dev)
             dev.start()
-            say(f"  registered as '{key}' at RPC tracker {rpc.format_host_port(tracker)} "
+            say(f"  registered as '{key}' at RPC tracker {format_host_port(tracker)} "
                 f"(server {dev.address}, up in {dev.started_s:.0f} s)")
-        where = rpc.format_host_port((_public(tracker[0]), tracker[1]))
+        where = format_host_port((public_host(tracker[0]), tracker[1]))
         say(f"ready: --rpc-tracker {where} --rpc-key {key}  (emulated: timings are not a Pi's). Ctrl-C to stop.")
         while True:
             for dev in devices:  # crashed servers are restarted by the device's watcher
@@ -303,23 +303,12 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
-
-
-def _public(host: str) -> str:
-    """An address to print for ``host``: the machine's name when bound to all interfaces."""
-    if host in ("", "0.0.0.0", "::"):
-        import socket
-
-        return socket.gethostname()
-    return host
 
 
 if __name__ == "__main__":  # python -m tvmedge.deploy.emulate [pi4|pi3|pi5] [HOST:PORT]
     _kind = sys.argv[1] if len(sys.argv) > 1 else "pi4"
-    _tracker = rpc.parse_host_port(sys.argv[2]) if len(sys.argv) > 2 else None
+    _tracker = parse_host_port(sys.argv[2]) if len(sys.argv) > 2 else None
     try:
         sys.exit(main(_kind, _tracker))
     except TvmedgeError as _e:

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..deploy.address import parse_host_port
+from ..deploy.launch import start_server, start_tracker
+from ..deploy.session import connect
+from ..deploy.tracker import list_devices
 from ..errors import TvmedgeError
 from ..jsonio import dumps
 
@@ -26,19 +30,17 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
     (qemu) for a target that has an emulator, and stops them afterwards. ``threads``: the
     local server's thread pool (candidates are timed with it); default all cores.
     """
-    from ..deploy import rpc
-
     if tracker_arg:
-        tracker = rpc.parse_host_port(tracker_arg)
+        tracker = parse_host_port(tracker_arg)
         key = key or device.rpc_key or device.name
-        free = sum(d.get("free", 0) for d in rpc.list_devices(tracker) if d["key"] == key)
+        free = sum(d.get("free", 0) for d in list_devices(tracker) if d["key"] == key)
         if free == 0:
             raise TvmedgeError(f"no free device under key '{key}' at tracker {tracker[0]}:{tracker[1]} "
                                f"(start one with `tvmedge device serve --tracker {tracker[0]}:{tracker[1]} --key {key}`)")
         yield tracker, key, free, bool(emulate)
         return
     with contextlib.ExitStack() as stack:
-        tr = rpc.start_tracker()
+        tr = start_tracker()
         stack.callback(tr.stop)
         key = key or device.rpc_key or device.name
         from ..run import arch_of_target
@@ -51,8 +53,8 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
             # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
             tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
             stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
-            srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
+            srv = start_server(tracker=(tr.host, tr.port), key=key,
+                               env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
             stack.callback(srv.stop)
             yield (tr.host, tr.port), key, 1, False
         elif device.emulator:
@@ -70,11 +72,9 @@ def device_pool(device, tracker_arg: str | None, key: str | None, emulate: bool 
 def _alive(tracker: tuple[str, int], key: str):
     """Whether a server is still registered under ``key`` (a few polls, to ride out a reconnect)."""
     def check() -> bool:
-        from ..deploy import rpc
-
         for attempt in range(6):
             try:
-                if any(d["key"] == key and d["total"] > 0 for d in rpc.list_devices(tracker)):
+                if any(d["key"] == key and d["total"] > 0 for d in list_devices(tracker)):
                     return True
             except TvmedgeError:
                 pass
@@ -87,12 +87,11 @@ def measure_model(model, device, tracker, key, db_dir: str | None, repeat: int, 
                   label: str) -> dict[str, Any]:
     """Compile (with or without the database) and time it on the device through the tracker."""
     from ..build import compile_model
-    from ..deploy import rpc
     from ..run import run_artifact
 
     art = workdir / f"{label}.tar"
     compile_model(model, device, art, tuning_db=db_dir)
-    session = rpc.connect(tracker=tracker, key=key, timeout=300)
+    session = connect(tracker=tracker, key=key, timeout=300)
     res = run_artifact(art, repeat=repeat, session=session)
     return {"artifact": str(art), "latency_ms": res.latency_summary(), "outputs": res.outputs}
 
