@@ -15,6 +15,7 @@ from tvmedge import zoo
 from tvmedge.build import compile_model
 from tvmedge.deploy.address import format_host_port
 from tvmedge.deploy.launch import start_server, start_tracker
+from tvmedge.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
@@ -214,6 +215,24 @@ def test_device_descriptions_resolve():
     assert resolve("jetson-nano").target.kind.name == "cuda"
     assert resolve("raspberry-pi/4b-aarch64").cross_compiler == "aarch64-linux-gnu-g++"
     assert resolve('{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}').cross_compiler == "riscv64-linux-gnu-g++"
+
+
+def test_emulated_boards_come_from_the_descriptions():
+    """targets/*.json is the one source of device data: the emulated boards, their qemu CPU
+    and the cross compilers all agree with the descriptions' TVM targets."""
+    from tvmedge import devices
+
+    boards = devices.emulated()
+    assert sorted(boards) == ["pi3", "pi4", "pi5"]
+    for name, emu in boards.items():
+        dev = resolve(name)
+        assert dev.emulator == emu.qemu == devices.qemu_for(emu.arch)
+        assert str(dev.target.attrs["mcpu"]) == emu.cpu  # qemu emulates the CPU the code is built for
+        assert str(dev.target.attrs["mtriple"]).split("-")[0] == emu.arch
+        assert dev.cross_compiler == devices.cross_compiler_for(emu.arch)
+    assert resolve("riscv-u74").emulator is None  # no riscv64 user space to run it in
+    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi3, pi4, pi5\)"):
+        devices.emulation("pi2")
 
 
 def test_error_unreachable_tracker_and_remote_run(tmp_path):

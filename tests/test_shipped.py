@@ -261,7 +261,8 @@ def test_installed_wheel_finds_targets_and_schedules(tmp_path):
         import json, tvmedge
         from pathlib import Path
         from tvmedge.resources import data_dir
-        from tvmedge.target import device_names, resolve
+        from tvmedge.devices import device_names
+        from tvmedge.target import resolve
         from tvmedge.tune.shipped import shipped_databases
         pkg = Path(tvmedge.__file__).parent
         assert pkg.is_relative_to({str(venv)!r}), pkg

@@ -8,9 +8,9 @@ import secrets
 import sys
 import time
 
+from ..devices import emulated
 from ..errors import TvmedgeError
 from .address import parse_host_port, public_host
-from .emulate import KINDS
 from .emulate import main as emulate_main
 from .launch import start_server, start_tracker
 from .tracker import list_devices, server_registered, wait_for_tracker
@@ -157,7 +157,7 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_list)
 
     p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
-    p.add_argument("kind", choices=sorted(KINDS))
+    p.add_argument("kind", choices=sorted(emulated()))
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",

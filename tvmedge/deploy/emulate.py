@@ -9,13 +9,12 @@ and MetaSchedule's measuring all get exercised without one.
 
 Choices:
 
-* ``pi4``: qemu CPU model ``cortex-a72`` (the BCM2711's core); target description ``pi4``
-  (TVM tag ``raspberry-pi/4b-aarch64``).
-* ``pi3``: the same arm64 user space (64-bit Raspberry Pi OS) on qemu's ``cortex-a53``;
-  target description ``pi3`` (``llvm``, ``aarch64-linux-gnu``, ``-mcpu=cortex-a53``,
-  ``+neon``). The 32-bit ``arm/rasp3b`` tag would need an armhf user space: not provided.
-* ``pi5``: the same user space on qemu's ``cortex-a76`` (Armv8.2-A with the int8 ``sdot``
-  dot product, which int8 models compiled for ``pi5`` use); target description ``pi5``.
+* The boards are the device descriptions in ``targets/`` with an ``"emulator"``
+  (:func:`tvmedge.devices.emulated`): it names the qemu-user binary, the CPU model
+  (``-cpu``: ``pi4`` the BCM2711's ``cortex-a72``, ``pi3`` ``cortex-a53``, ``pi5``
+  ``cortex-a76``, Armv8.2-A with the int8 ``sdot`` dot product that int8 models compiled
+  for ``pi5`` use) and the user space, the same arm64 one (64-bit Raspberry Pi OS) for
+  all three. The 32-bit ``arm/rasp3b`` tag would need an armhf user space: not provided.
 * The CPU model only limits the instruction set (a library using an extension the board
   lacks faults, as it would on the board); it does not model the board's speed. Emulated
   timings are 10-30x slower than native and not a Pi's: every info dict says
@@ -41,40 +40,17 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import emulation
 from ..errors import TvmedgeError
 from .address import HostPort, as_host_port, format_host_port, parse_host_port, public_host
 from .launch import Server, Tracker, start_server, start_tracker
 from .sysroot import Sysroot, prepare_sysroot
 from .tracker import server_registered, tracker_summary
 
-
-@dataclass(frozen=True)
-class BoardKind:
-    name: str
-    arch: str
-    qemu_cpu: str
-    target: str  # name of the device description in targets/
-    description: str
-
-
-KINDS: dict[str, BoardKind] = {
-    "pi4": BoardKind("pi4", "aarch64", "cortex-a72", "pi4", "Raspberry Pi 4 Model B (Cortex-A72), 64-bit OS"),
-    "pi3": BoardKind("pi3", "aarch64", "cortex-a53", "pi3", "Raspberry Pi 3 Model B (Cortex-A53), 64-bit OS"),
-    "pi5": BoardKind("pi5", "aarch64", "cortex-a76", "pi5", "Raspberry Pi 5 (Cortex-A76, int8 dot product), 64-bit OS"),
-}
-
 START_TIMEOUT_S = 180.0  # import tvm twice under qemu (server + its popen worker) on a busy host
-
-
-def _board(kind: str) -> BoardKind:
-    try:
-        return KINDS[kind]
-    except KeyError:
-        raise TvmedgeError(f"no emulated device '{kind}' (available: {', '.join(KINDS)})") from None
 
 
 class EmulatedDevice:
@@ -91,7 +67,7 @@ class EmulatedDevice:
                  host: str = "127.0.0.1", port: int | None = None, *, timeout: float = START_TIMEOUT_S,
                  sysroot: Sysroot | None = None, log: Callable[[str], None] | None = None,
                  restart_on_crash: bool = True):
-        self.board = _board(kind)
+        self.board = emulation(kind)
         self.kind = kind
         self.tracker = as_host_port(tracker) if tracker is not None else None
         self.key = key or kind
@@ -123,7 +99,7 @@ class EmulatedDevice:
         self._wrapper = self._workdir / "python3"
         self._wrapper.write_text("#!/bin/sh\n"
                                  f"# tvmedge emulated {self.kind}: the arm64 Python under qemu-user\n"
-                                 f"exec {shlex.join(self.sysroot.command(self.board.qemu_cpu))} \"$@\"\n")
+                                 f"exec {shlex.join(self.sysroot.command(self.board.cpu))} \"$@\"\n")
         self._wrapper.chmod(0o755)
         try:
             self.server = self._start_server()
@@ -228,7 +204,7 @@ class EmulatedDevice:
         """What this device is; ``emulated`` is always True (timings are not the board's)."""
         return {
             "kind": self.kind, "key": self.key, "emulated": True, "description": self.board.description,
-            "target": self.board.target, "arch": self.board.arch, "qemu_cpu": self.board.qemu_cpu,
+            "target": self.board.kind, "arch": self.board.arch, "qemu_cpu": self.board.cpu,
             "tracker": format_host_port(self.tracker) if self.tracker else None,
             "server": self.address, "running": self.alive(), "startup_seconds": self.started_s,
             "restarts": self.restarts, "failure": self.failure,
@@ -251,7 +227,7 @@ def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | No
     restarted or the tracker dies.
     """
     say = out or (lambda msg: print(msg, flush=True))
-    board = _board(kind)
+    board = emulation(kind)
     key = key or kind
     tracker = as_host_port(tracker) if tracker is not None else None
     if count < 1:
@@ -273,7 +249,7 @@ def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | No
             tracker_summary(tracker)  # fail now if unreachable
         sysroot = prepare_sysroot(board.arch)
         for i in range(count):
-            say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.qemu_cpu})"
+            say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.cpu})"
                 + (f" {i + 1}/{count}" if count > 1 else "") + " ...")
             dev = EmulatedDevice(kind, tracker, key, host=host, port=port if count == 1 else None, sysroot=sysroot,
                                  log=say)
