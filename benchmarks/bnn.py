@@ -36,6 +36,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tvmedge.deploy.launch import start_tracker
+from tvmedge.deploy.session import connect
+
 
 def synthetic_stack(layers: int, channels: int, binary: bool, seed: int = 0) -> nn.Sequential:
     """``layers`` x (3x3 conv, BatchNorm); binary convs or their float twins, random weights."""
@@ -84,7 +87,6 @@ def run_emulated_pi4(bnn: nn.Module, work: Path, repeat: int) -> dict:
     from tvmedge import zoo
     from tvmedge.binary.lower import to_imported_model
     from tvmedge.build import compile_model
-    from tvmedge.deploy import rpc
     from tvmedge.deploy.emulate import EmulatedDevice
     from tvmedge.deploy.sysroot import find_sysroot
     from tvmedge.frontend import load_model
@@ -99,12 +101,12 @@ def run_emulated_pi4(bnn: nn.Module, work: Path, repeat: int) -> dict:
     compile_model(load_model(work / "digits_cnn.onnx"), pi4, work / "cnn-pi4.tar")
     x = {"input": zoo.example_input(zoo.get("digits-bnn")).numpy()}
     key = f"pi4-bnn-bench-{os.getpid()}"
-    tracker = rpc.start_tracker(port=0)
+    tracker = start_tracker(port=0)
     try:
         with EmulatedDevice("pi4", tracker.addr, key=key, sysroot=sysroot):
             out = {}
             for name, tar in (("digits-bnn binary", "bnn-pi4.tar"), ("digits-cnn float", "cnn-pi4.tar")):
-                session = rpc.connect(tracker=tracker.addr, key=key, timeout=120)
+                session = connect(tracker=tracker.addr, key=key, timeout=120)
                 res = run_artifact(work / tar, x, repeat=repeat, session=session)
                 out[name] = {"median_ms": round(res.latency_summary()["median"], 3), "threads": res.threads}
                 del session

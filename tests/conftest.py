@@ -14,6 +14,8 @@ import types
 
 import pytest
 
+from tvmedge.deploy.launch import start_tracker
+
 
 def import_torchvision() -> types.ModuleType:
     """torchvision, importable with the CPU build of torch (see the module docstring)."""
@@ -65,9 +67,7 @@ def run_cli(*args: str, check: bool = False, timeout: float = 900,
 @pytest.fixture(scope="module")
 def tracker():
     """An RPC tracker on a free loopback port, for one test module."""
-    from tvmedge.deploy import rpc
-
-    tr = rpc.start_tracker(port=0)
+    tr = start_tracker(port=0)
     yield tr
     tr.stop()
 

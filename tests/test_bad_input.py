@@ -19,6 +19,10 @@ from onnx import TensorProto, helper
 
 from tvmedge import zoo
 from tvmedge.cli import main
+from tvmedge.deploy.address import format_host_port
+from tvmedge.deploy.launch import start_tracker
+from tvmedge.deploy.session import connect
+from tvmedge.deploy.tracker import list_devices
 from conftest import run_cli
 
 PY = [sys.executable, "-m", "tvmedge"]
@@ -213,8 +217,6 @@ def test_killed_tracker_command_leaves_no_process_on_its_port(sig):
 
 
 def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
-    from tvmedge.deploy import rpc
-
     port = _free_port()
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
     srv = subprocess.Popen([*PY, "device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", "late"],
@@ -222,12 +224,12 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
     try:
         _read_until(srv, "waiting for the RPC tracker")
         time.sleep(2)
-        tr = rpc.start_tracker(port=port)
+        tr = start_tracker(port=port)
         try:
             deadline = time.monotonic() + 60
             keys = []
             while time.monotonic() < deadline:
-                keys = [d["key"] for d in rpc.list_devices(("127.0.0.1", port))]
+                keys = [d["key"] for d in list_devices(("127.0.0.1", port))]
                 if "late" in keys:
                     break
                 time.sleep(0.5)
@@ -243,23 +245,21 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
 def test_served_board_recovers_after_its_server_dies_and_stays_during_sessions():
     import psutil
 
-    from tvmedge.deploy import rpc
-
-    with rpc.start_tracker() as tr:
-        addr = rpc.format_host_port(tr.addr)
+    with start_tracker() as tr:
+        addr = format_host_port(tr.addr)
         serve = subprocess.Popen([*PY, "device", "serve", "--tracker", addr, "--key", "phoenix"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env={**os.environ, "TVM_NUM_THREADS": "1"})
         try:
             def registered() -> bool:
-                return any(d["key"] == "phoenix" and d["total"] > 0 for d in rpc.list_devices(tr.addr))
+                return any(d["key"] == "phoenix" and d["total"] > 0 for d in list_devices(tr.addr))
 
             deadline = time.monotonic() + 60
             while not registered() and time.monotonic() < deadline:
                 time.sleep(0.5)
             assert registered()
             # A session held for longer than the supervisor's patience does not get the server restarted.
-            sess = rpc.connect(tracker=tr.addr, key="phoenix", timeout=30)
+            sess = connect(tracker=tr.addr, key="phoenix", timeout=30)
             time.sleep(12)
             assert sess.cpu(0).exist
             del sess
@@ -297,7 +297,6 @@ def test_secret_key_server_refuses_clients_without_the_key():
     """A server started with --secret-key (no tracker) serves only clients that send its key."""
     import re
 
-    from tvmedge.deploy import rpc
     from tvmedge.core.errors import TvmedgeError
 
     port = _free_port()
@@ -309,8 +308,8 @@ def test_secret_key_server_refuses_clients_without_the_key():
         while _port_free(port) and time.monotonic() < deadline:
             time.sleep(0.3)
         with pytest.raises(TvmedgeError):
-            rpc.connect(host_port=("127.0.0.1", port), key="guess", timeout=10)
-        sess = rpc.connect(host_port=("127.0.0.1", port), key=key, timeout=30)
+            connect(host_port=("127.0.0.1", port), key="guess", timeout=10)
+        sess = connect(host_port=("127.0.0.1", port), key=key, timeout=30)
         assert sess.cpu(0).exist
     finally:
         serve.send_signal(signal.SIGINT)

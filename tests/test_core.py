@@ -13,6 +13,9 @@ import torch
 
 from tvmedge import zoo
 from tvmedge.build import compile_model
+from tvmedge.deploy.address import format_host_port
+from tvmedge.deploy.launch import start_server, start_tracker
+from tvmedge.core.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
@@ -214,18 +217,34 @@ def test_device_descriptions_resolve():
     assert resolve('{"kind": "llvm", "mtriple": "riscv64-linux-gnu"}').cross_compiler == "riscv64-linux-gnu-g++"
 
 
+def test_emulated_boards_come_from_the_descriptions():
+    """targets/*.json is the one source of device data: the emulated boards, their qemu CPU
+    and the cross compilers all agree with the descriptions' TVM targets."""
+    from tvmedge import devices
+
+    boards = devices.emulated()
+    assert sorted(boards) == ["pi3", "pi4", "pi5"]
+    for name, emu in boards.items():
+        dev = resolve(name)
+        assert dev.emulator == emu.qemu == devices.qemu_for(emu.arch)
+        assert str(dev.target.attrs["mcpu"]) == emu.cpu  # qemu emulates the CPU the code is built for
+        assert str(dev.target.attrs["mtriple"]).split("-")[0] == emu.arch
+        assert dev.cross_compiler == devices.cross_compiler_for(emu.arch)
+    assert resolve("riscv-u74").emulator is None  # no riscv64 user space to run it in
+    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi3, pi4, pi5\)"):
+        devices.emulation("pi2")
+
+
 def test_error_unreachable_tracker_and_remote_run(tmp_path):
     """`run` through a tracker: one line when nobody listens there; a real run when a device is up."""
-    from tvmedge.deploy import rpc
-
     cli("zoo", "export", "digits-cnn", "-o", str(tmp_path / "d.onnx"), check=True)
     cli("compile", str(tmp_path / "d.onnx"), "-o", str(tmp_path / "d.tar"), check=True)
     line = one_line_error(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", "127.0.0.1:1", "--rpc-key", "pi4"))
     assert "127.0.0.1:1" in line
     local = json.loads(cli("run", str(tmp_path / "d.tar"), "--json", "--repeat", "2", "--outputs",
                            str(tmp_path / "local.npz"), check=True).stdout)
-    with rpc.start_tracker() as tr, rpc.start_server(tr.addr, "here"):
-        remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", rpc.format_host_port(tr.addr),
+    with start_tracker() as tr, start_server(tr.addr, "here"):
+        remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", format_host_port(tr.addr),
                                 "--rpc-key", "here", "--json", "--repeat", "2", "--outputs",
                                 str(tmp_path / "remote.npz"), check=True).stdout)
     assert remote["latency_ms"]["median"] > 0 and remote["device"] != local["device"]

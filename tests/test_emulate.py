@@ -15,9 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from tvmedge.deploy import rpc
 from tvmedge.deploy.emulate import EmulatedDevice
+from tvmedge.deploy.session import connect
 from tvmedge.deploy.sysroot import find_sysroot, prepare_sysroot
+from tvmedge.deploy.tracker import list_devices
 from tvmedge.core.errors import TvmedgeError
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,7 @@ def test_pi4_registers_and_reports_emulated(pi4, tracker):
     info = pi4.info()
     assert info["emulated"] is True and info["kind"] == "pi4" and info["qemu_cpu"] == "cortex-a72"
     assert info["running"] and info["key"] == KEY
-    d = next(d for d in rpc.list_devices(tracker.addr) if d["key"] == KEY)
+    d = next(d for d in list_devices(tracker.addr) if d["key"] == KEY)
     assert d["total"] == 1 and d["free"] == 1
     assert len(pi4.server.pids()) >= 2  # qemu running the server + its popen worker
 
@@ -120,7 +121,7 @@ def test_pi4_runs_cross_compiled_relax(pi4, tracker, tmp_path):
 
     mod, args, ref = _relax_matmul_relu()
     _cross_build(mod, tvm.target.Target("raspberry-pi/4b-aarch64"), tmp_path / "mm.so")
-    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=120)
+    session = connect(tracker=tracker.addr, key=KEY, timeout=120)
     out, vm, dev = _run_remote(session, tmp_path / "mm.so", args)
     assert rel_err(out, ref) < 1e-4
     # MetaSchedule's measuring needs these on the device (libtvm_runtime_extra.so)
@@ -145,7 +146,7 @@ def test_pi4_runs_onnx_cnn_like_onnxruntime(pi4, tracker, tmp_path):
     onnx_path = zoo.export("digits-cnn", tmp_path / "d.onnx")
     compile_model(load_model(onnx_path), resolve("pi4"), tmp_path / "d.tar")
     x = zoo.example_input(entry, seed=4).numpy()
-    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=120)
+    session = connect(tracker=tracker.addr, key=KEY, timeout=120)
     res = run_artifact(tmp_path / "d.tar", {entry.input_name: x}, repeat=2, session=session)
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {entry.input_name: x})[0]
     assert res.device == "rpc"
@@ -181,7 +182,7 @@ def test_pi3_emulation_runs_cortex_a53_code(sysroot, tracker, tmp_path):
     _cross_build(mod, resolve("pi3").target, tmp_path / "mm3.so")
     with EmulatedDevice("pi3", tracker.addr, key=KEY + "-pi3", sysroot=sysroot) as pi3:
         assert pi3.info()["qemu_cpu"] == "cortex-a53" and pi3.info()["emulated"] is True
-        session = rpc.connect(tracker=tracker.addr, key=KEY + "-pi3", timeout=120)
+        session = connect(tracker=tracker.addr, key=KEY + "-pi3", timeout=120)
         out, _, _ = _run_remote(session, tmp_path / "mm3.so", args)
         assert rel_err(out, ref) < 1e-4
         pids = pi3.server.pids()
@@ -190,9 +191,9 @@ def test_pi3_emulation_runs_cortex_a53_code(sysroot, tracker, tmp_path):
     # stopped: every process of its group is gone and the tracker no longer lists it
     assert pids and not any(os.path.exists(f"/proc/{p}") and _not_zombie(p) for p in pids)
     deadline = time.monotonic() + 10
-    while any(d["key"] == KEY + "-pi3" for d in rpc.list_devices(tracker.addr)) and time.monotonic() < deadline:
+    while any(d["key"] == KEY + "-pi3" for d in list_devices(tracker.addr)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(d["key"] == KEY + "-pi3" for d in rpc.list_devices(tracker.addr))
+    assert not any(d["key"] == KEY + "-pi3" for d in list_devices(tracker.addr))
 
 
 def test_missing_tools_name_the_debian_package(tmp_path, monkeypatch):
@@ -209,7 +210,7 @@ def test_missing_tools_name_the_debian_package(tmp_path, monkeypatch):
 
 
 def test_unknown_board_is_a_clear_error():
-    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi4, pi3, pi5\)"):
+    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi3, pi4, pi5\)"):
         EmulatedDevice("pi2")
 
 
@@ -231,7 +232,7 @@ def test_pi4_comes_back_after_a_crashing_session(pi4, tracker, tmp_path):
     subprocess.run(["aarch64-linux-gnu-g++", "-x", "c", "-shared", "-fPIC", str(src), "-o", str(tmp_path / "boom.so")],
                    check=True)
     old_port = pi4.port
-    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=120)
+    session = connect(tracker=tracker.addr, key=KEY, timeout=120)
     session.upload(str(tmp_path / "boom.so"))
     with pytest.raises(Exception):
         session.load_module("boom.so")
@@ -241,9 +242,9 @@ def test_pi4_comes_back_after_a_crashing_session(pi4, tracker, tmp_path):
     while pi4.restarts == 0 and time.monotonic() < deadline:
         time.sleep(1)
     assert pi4.restarts == 1 and pi4.alive() and pi4.info()["failure"] is None
-    d = next(d for d in rpc.list_devices(tracker.addr) if d["key"] == KEY)
+    d = next(d for d in list_devices(tracker.addr) if d["key"] == KEY)
     assert d["total"] == 1 and [p for _, p in d["servers"]] == [pi4.port] and pi4.port != old_port
     mod, args, ref = _relax_matmul_relu()
     _cross_build(mod, tvm.target.Target("raspberry-pi/4b-aarch64"), tmp_path / "mm.so")
-    out, _, _ = _run_remote(rpc.connect(tracker=tracker.addr, key=KEY, timeout=120), tmp_path / "mm.so", args)
+    out, _, _ = _run_remote(connect(tracker=tracker.addr, key=KEY, timeout=120), tmp_path / "mm.so", args)
     assert rel_err(out, ref) < 1e-4

@@ -18,6 +18,8 @@ import pytest
 
 from tvmedge import zoo
 from tvmedge.build import compile_model, lower, prepare
+from tvmedge.deploy.launch import start_tracker
+from tvmedge.deploy.session import connect
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
 from tvmedge.lower.int8_dot import ENV_SWITCH, SDOT, has_dotprod, isa_for, rewrite_dot, shift_correction
@@ -132,15 +134,14 @@ def test_rewrite_ir_and_asm():
 # ---------------------------------------------------------------- on an emulated Cortex-A76
 @pytest.fixture(scope="module")
 def pi5(tmp_path_factory):
-    from tvmedge.deploy import rpc
     from tvmedge.deploy.emulate import EmulatedDevice
     from tvmedge.deploy.sysroot import prepare_sysroot
 
-    tr = rpc.start_tracker(port=0)
+    tr = start_tracker(port=0)
     dev = EmulatedDevice("pi5", tr.addr, key=KEY, sysroot=prepare_sysroot("aarch64"))
     try:
         dev.start()
-        sess = rpc.connect(tr.addr, KEY, timeout=300)
+        sess = connect(tr.addr, KEY, timeout=300)
         yield {"session": sess, "dir": tmp_path_factory.mktemp("sdot")}
     finally:
         dev.stop()

@@ -4,7 +4,7 @@ Every import is counted, function-local ones too (they hide cycles from Python, 
 a reader). The layers, lowest first:
 
 0. ``core`` - the model, the artifact format, graph helpers, errors, metrics;
-1. ``isa``, ``target`` - target descriptions and their CPU feature classes;
+1. ``devices``, ``isa``, ``target`` - device descriptions, targets and their CPU feature classes;
 2. ``frontend``, ``lower``, ``optimize.int8_graph`` - import, lowering, the graph rewrite the importer needs;
 3. ``optimize``, ``binary``, ``kernels``, ``zoo``'s data and model modules - compression passes, kernels, data;
 4. ``build``, ``run``, ``tune``, ``deploy``, ``bench``, ``zoo``'s exporters;
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tvmedge"
 
 LAYER_BY_PREFIX = [  # most specific first
     ("tvmedge.core", 0),
-    ("tvmedge.isa", 1), ("tvmedge.target", 1),
+    ("tvmedge.devices", 1), ("tvmedge.isa", 1), ("tvmedge.target", 1),
     ("tvmedge.optimize.int8_graph", 2), ("tvmedge.frontend", 2), ("tvmedge.lower", 2),
     ("tvmedge.zoo.digits", 3), ("tvmedge.zoo.shapes", 3), ("tvmedge.zoo.models", 3),
     ("tvmedge.optimize", 3), ("tvmedge.binary", 3), ("tvmedge.kernels", 3),

@@ -9,7 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from tvmedge.deploy import rpc
+from tvmedge.deploy.address import ephemeral_port, format_host_port, parse_host_port
+from tvmedge.deploy.launch import start_server, start_tracker
+from tvmedge.deploy.session import connect
+from tvmedge.deploy.tracker import list_devices
 from tvmedge.core.errors import TvmedgeError
 
 KEY = f"tvmedge-test-{os.getpid()}"
@@ -20,7 +23,7 @@ def servers(tracker):
     started = []
     try:
         for _ in range(2):
-            started.append(rpc.start_server(tracker.addr, KEY))
+            started.append(start_server(tracker.addr, KEY))
         yield started
     finally:
         for s in started:
@@ -74,14 +77,14 @@ def _reference() -> np.ndarray:
 def _wait_free(tracker_addr, key, n, timeout=30.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        entry = next((d for d in rpc.list_devices(tracker_addr) if d["key"] == key), {"free": 0})
+        entry = next((d for d in list_devices(tracker_addr) if d["key"] == key), {"free": 0})
         if entry["free"] == n or time.monotonic() > deadline:
             return entry
         time.sleep(0.3)
 
 
 def test_list_devices_shows_both_servers_free(tracker, servers):
-    devices = {d["key"]: d for d in rpc.list_devices(tracker.addr)}
+    devices = {d["key"]: d for d in list_devices(tracker.addr)}
     assert KEY in devices
     d = devices[KEY]
     assert d["total"] == 2 and d["free"] == 2 and d["busy"] == 0 and d["pending"] == 0
@@ -89,7 +92,7 @@ def test_list_devices_shows_both_servers_free(tracker, servers):
 
 
 def test_connect_through_tracker_runs_compiled_relax(tracker, servers, host_library):
-    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=30)
+    session = connect(tracker=tracker.addr, key=KEY, timeout=30)
     out = _run_remote(session, host_library)
     np.testing.assert_allclose(out, _reference(), rtol=1e-5, atol=1e-5)
     # the work happened in one of our servers' processes, not here
@@ -98,13 +101,13 @@ def test_connect_through_tracker_runs_compiled_relax(tracker, servers, host_libr
 
 
 def test_busy_devices_time_out_with_clear_error(tracker, servers):
-    held = [rpc.connect(tracker=tracker.addr, key=KEY, timeout=30) for _ in servers]
+    held = [connect(tracker=tracker.addr, key=KEY, timeout=30) for _ in servers]
     try:
-        d = next(d for d in rpc.list_devices(tracker.addr) if d["key"] == KEY)
+        d = next(d for d in list_devices(tracker.addr) if d["key"] == KEY)
         assert d["busy"] == 2 and d["free"] == 0
         t0 = time.monotonic()
         with pytest.raises(TvmedgeError, match=r"no free device under key .* all busy"):
-            rpc.connect(tracker=tracker.addr, key=KEY, timeout=2)
+            connect(tracker=tracker.addr, key=KEY, timeout=2)
         assert time.monotonic() - t0 < 6
     finally:
         del held
@@ -116,33 +119,33 @@ def test_busy_devices_time_out_with_clear_error(tracker, servers):
 def test_unknown_key_fails_fast(tracker, servers):
     t0 = time.monotonic()
     with pytest.raises(TvmedgeError, match=r"no device is registered under key 'no-such-board'.*" + KEY):
-        rpc.connect(tracker=tracker.addr, key="no-such-board", timeout=60)
+        connect(tracker=tracker.addr, key="no-such-board", timeout=60)
     assert time.monotonic() - t0 < 5
 
 
 def test_unreachable_tracker_fails_fast():
     import tvm  # noqa: F401  (import time is not what is measured)
 
-    port = rpc._ephemeral_port("127.0.0.1")  # nothing listens there
+    port = ephemeral_port("127.0.0.1")  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(TvmedgeError, match=rf"cannot reach RPC tracker at 127\.0\.0\.1:{port} \(connection refused\)"):
-        rpc.connect(tracker=("127.0.0.1", port), key="pi4", timeout=60)
+        connect(tracker=("127.0.0.1", port), key="pi4", timeout=60)
     with pytest.raises(TvmedgeError, match="cannot reach RPC tracker"):
-        rpc.list_devices(("127.0.0.1", port))
+        list_devices(("127.0.0.1", port))
     with pytest.raises(TvmedgeError, match="cannot reach RPC tracker"):
-        rpc.start_server(("127.0.0.1", port), "pi4")
+        start_server(("127.0.0.1", port), "pi4")
     with pytest.raises(TvmedgeError, match=r"cannot reach RPC server at 127\.0\.0\.1:\d+ \(connection refused\)"):
-        rpc.connect(host_port=("127.0.0.1", port), timeout=60)
+        connect(host_port=("127.0.0.1", port), timeout=60)
     assert time.monotonic() - t0 < 5
 
 
 def test_direct_server_key_and_stop_kills_process_group(host_library):
-    server = rpc.start_server(None, "direct")
+    server = start_server(None, "direct")
     try:
         assert len(server.pids()) >= 2  # the server and its popen worker
         with pytest.raises(TvmedgeError, match="rejected key"):
-            rpc.connect(host_port=server.addr, key="other", timeout=20)
-        session = rpc.connect(host_port=server.addr, key="direct", timeout=20)
+            connect(host_port=server.addr, key="other", timeout=20)
+        session = connect(host_port=server.addr, key="direct", timeout=20)
         np.testing.assert_allclose(_run_remote(session, host_library), _reference(), rtol=1e-5, atol=1e-5)
         del session
         gc.collect()
@@ -153,19 +156,19 @@ def test_direct_server_key_and_stop_kills_process_group(host_library):
 
 
 def test_stopped_server_leaves_the_tracker(tracker):
-    server = rpc.start_server(tracker.addr, KEY + "-gone")
-    assert any(d["key"] == KEY + "-gone" and d["total"] == 1 for d in rpc.list_devices(tracker.addr))
+    server = start_server(tracker.addr, KEY + "-gone")
+    assert any(d["key"] == KEY + "-gone" and d["total"] == 1 for d in list_devices(tracker.addr))
     server.stop()
     assert server.pids() == []
     deadline = time.monotonic() + 10
-    while any(d["key"] == KEY + "-gone" for d in rpc.list_devices(tracker.addr)) and time.monotonic() < deadline:
+    while any(d["key"] == KEY + "-gone" for d in list_devices(tracker.addr)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(d["key"] == KEY + "-gone" for d in rpc.list_devices(tracker.addr))
+    assert not any(d["key"] == KEY + "-gone" for d in list_devices(tracker.addr))
 
 
 def test_tracker_port_in_use_is_a_clear_error(tracker):
     with pytest.raises(TvmedgeError, match=rf"port {tracker.port} .* already in use"):
-        rpc.start_tracker(port=tracker.port)
+        start_tracker(port=tracker.port)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -177,26 +180,26 @@ def test_tracker_port_in_use_is_a_clear_error(tracker):
 ])
 def test_parse_host_port_errors(text, message):
     with pytest.raises(TvmedgeError, match=message):
-        rpc.parse_host_port(text)
+        parse_host_port(text)
 
 
 def test_parse_host_port_ok():
-    assert rpc.parse_host_port("127.0.0.1:9190") == ("127.0.0.1", 9190)
-    assert rpc.parse_host_port(" pi.local:9091 ") == ("pi.local", 9091)
-    assert rpc.parse_host_port("[::1]:9190") == ("::1", 9190)
-    assert rpc.format_host_port(("::1", 9190)) == "[::1]:9190"
+    assert parse_host_port("127.0.0.1:9190") == ("127.0.0.1", 9190)
+    assert parse_host_port(" pi.local:9091 ") == ("pi.local", 9091)
+    assert parse_host_port("[::1]:9190") == ("::1", 9190)
+    assert format_host_port(("::1", 9190)) == "[::1]:9190"
 
 
 def test_dropped_session_in_a_cycle_does_not_block_the_next_connect(tracker):
     """A session kept alive only by a reference cycle (a VM and its remote functions do
     that) is ours to release: connect must not wait on it."""
-    server = rpc.start_server(tracker.addr, KEY + "-one")
+    server = start_server(tracker.addr, KEY + "-one")
     try:
-        session = rpc.connect(tracker=tracker.addr, key=KEY + "-one", timeout=20)
+        session = connect(tracker=tracker.addr, key=KEY + "-one", timeout=20)
         cycle = [session]
         cycle.append(cycle)
         del session, cycle
-        again = rpc.connect(tracker=tracker.addr, key=KEY + "-one", timeout=10)
+        again = connect(tracker=tracker.addr, key=KEY + "-one", timeout=10)
         assert again.get_function("tvm.rpc.server.workpath")("")
         del again
         gc.collect()
@@ -223,7 +226,7 @@ def test_two_artifacts_in_one_session_each_run_their_own_code(tracker, servers, 
         compile_model(load_model(tmp_path / f"{op}.onnx"), resolve("host"), tmp_path / f"{op}.tar")
         arts[op] = tmp_path / f"{op}.tar"
     x = np.linspace(-1, 1, 6, dtype="float32").reshape(2, 3)
-    session = rpc.connect(tracker=tracker.addr, key=KEY, timeout=30)
+    session = connect(tracker=tracker.addr, key=KEY, timeout=30)
     relu = run_artifact(arts["Relu"], {"x": x}, repeat=1, session=session)
     neg = run_artifact(arts["Neg"], {"x": x}, repeat=1, session=session)
     np.testing.assert_array_equal(relu.outputs[0], np.maximum(x, 0))

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmedge.isa import isa_class, record_class, tvm_series, usable_classes
-from tvmedge.tune.shipped import database_class
+from tvmedge.isa import database_class, isa_class, record_class, tvm_series, usable_classes
 from tvmedge.core.resources import data_dir
 from tvmedge.target import resolve
 from tvmedge.tune.database import RECORDS, WORKLOADS
@@ -194,10 +193,10 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     from tvmedge import zoo
     from tvmedge.build import compile_model
     from tvmedge.frontend import load_model
-    from tvmedge.core.model import random_inputs
+    from tvmedge.run import random_inputs
     from tvmedge.target import host_target_dict
-    from tvmedge.tune.pool import device_pool
-    from tvmedge.tune.tuner import TuneOptions, tune_model
+    from tvmedge.tune.cli import _alive, device_pool
+    from tvmedge.tune.tuner import tune_model
 
     onnx_path = zoo.export("digits-cnn", tmp_path / "m.onnx")
     model = load_model(onnx_path)
@@ -205,8 +204,8 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     two = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 2}))
     eight = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 8}))
     db = tmp_path / "db"
-    with device_pool(two, log=lambda m: None, threads=2) as pool:
-        tune_model(model, two, db, TuneOptions(8), pool, progress=False)
+    with device_pool(two, None, None, None, log=lambda m: None, threads=2) as (tracker, key, free, _):
+        tune_model(model, two, db, 8, tracker, key, n_devices=free, progress=False, device_alive=_alive(tracker, key))
     records = [json.loads(ln)[1][2] for ln in (db / RECORDS).read_text().splitlines() if ln.strip()]
     assert records and {r["num-cores"] for r in records} == {2}
 
@@ -262,7 +261,8 @@ def test_installed_wheel_finds_targets_and_schedules(tmp_path):
         import json, tvmedge
         from pathlib import Path
         from tvmedge.core.resources import data_dir
-        from tvmedge.target import device_names, resolve
+        from tvmedge.devices import device_names
+        from tvmedge.target import resolve
         from tvmedge.tune.shipped import shipped_databases
         pkg = Path(tvmedge.__file__).parent
         assert pkg.is_relative_to({str(venv)!r}), pkg

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from tvmedge import zoo
-from tvmedge.deploy import rpc
+from tvmedge.deploy.address import format_host_port
+from tvmedge.deploy.launch import start_server, start_tracker
+from tvmedge.deploy.tracker import list_devices
 from tvmedge.tune.database import RECORDS, STATE, WORKLOADS, export_best
 from conftest import run_cli
 
@@ -111,11 +113,11 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
 
 
 def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):
-    with rpc.start_tracker() as tr:
-        with rpc.start_server(tr.addr, "farm", env=server_env()), rpc.start_server(tr.addr, "farm", env=server_env()):
-            assert [d["free"] for d in rpc.list_devices(tr.addr) if d["key"] == "farm"] == [2]
+    with start_tracker() as tr:
+        with start_server(tr.addr, "farm", env=server_env()), start_server(tr.addr, "farm", env=server_env()):
+            assert [d["free"] for d in list_devices(tr.addr) if d["key"] == "farm"] == [2]
             proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--trials", "24",
-                           "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "farm", "--json", "--no-compare")
+                           "--rpc-tracker", format_host_port(tr.addr), "--rpc-key", "farm", "--json", "--no-compare")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["devices_available"] == 2
@@ -124,10 +126,10 @@ def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):
 
 def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, tmp_path):
     db = tmp_path / "db"
-    with rpc.start_tracker() as tr:
-        srv = rpc.start_server(tr.addr, "victim", env=server_env())
+    with start_tracker() as tr:
+        srv = start_server(tr.addr, "victim", env=server_env())
         cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "32",
-               "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
+               "--rpc-tracker", format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             deadline = time.time() + 600
@@ -148,9 +150,9 @@ def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, 
         assert assert_valid_database(db) >= kept
         assert json.loads((db / STATE).read_text())["last_run"]["completed"] is False
 
-        with rpc.start_server(tr.addr, "victim", env=server_env()):
+        with start_server(tr.addr, "victim", env=server_env()):
             res = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--resume",
-                          "--rpc-tracker", rpc.format_host_port(tr.addr), "--rpc-key", "victim", "--json", "--no-compare")
+                          "--rpc-tracker", format_host_port(tr.addr), "--rpc-key", "victim", "--json", "--no-compare")
     assert res.returncode == 0, res.stderr
     assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
     assert assert_valid_database(db) >= kept
@@ -168,8 +170,8 @@ def test_tune_on_emulated_pi4_compile_and_run_there_matches_onnxruntime(digits_o
     key = f"pi4-tune-{os.getpid()}"
     x = zoo.example_input(zoo.get("digits-cnn"), seed=11).numpy()
     np.savez(tmp_path / "in.npz", input=x)
-    with rpc.start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key=key):
-        addr = rpc.format_host_port(tr.addr)
+    with start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key=key):
+        addr = format_host_port(tr.addr)
         proc = tvmedge("tune", str(digits_onnx), "--target", "pi4", "--tuning-db", str(db), "--trials", "8",
                        "--rpc-tracker", addr, "--rpc-key", key, "--emulated", "--json", "--no-compare")
         assert proc.returncode == 0, proc.stderr

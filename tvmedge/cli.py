@@ -10,14 +10,16 @@ import argparse
 import os
 import sys
 
+from .deploy.address import parse_host_port
+from .deploy.session import connect
 from .core.errors import TvmedgeError, first_line
 from .core.jsonio import dumps
 
 
 def _console():
-    from .core.progress import console
+    from rich.console import Console
 
-    return console()
+    return Console(stderr=False, highlight=False)
 
 
 # ---------------------------------------------------------------- compile
@@ -35,7 +37,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not args.json:
             print_report(report)
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
-                         use_shipped=not args.no_shipped_schedules, keep_faster=not args.always_apply_records)
+                         use_shipped=not args.no_shipped_schedules)
     if args.json:
         print(dumps(meta))
     else:
@@ -45,8 +47,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"({meta['target'].get('kind')}, {meta['target'].get('mtriple') or meta['target'].get('arch', '')}) "
               f"in {meta['compile_seconds']:.1f}s -> {args.output} "
               f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}{tuned}]")
-        if meta["tuning_db_skipped"]:
-            print(f"note: {meta['tuning_db_skipped']}")
         sch = meta["schedules"]
         line = f"kernels: {sch['tuned']} from tuning records, {sch['default_rule']} by default rules"
         if sch["unscheduled"]:
@@ -63,14 +63,11 @@ def _session(args: argparse.Namespace):
         if args.rpc_key:
             raise TvmedgeError("--rpc-key needs --rpc-tracker HOST:PORT")
         return None
-    from .deploy import rpc
-
     if args.rpc_tracker:
         if not args.rpc_key:
             raise TvmedgeError("--rpc-tracker needs --rpc-key KEY")
-        return rpc.connect(tracker=rpc.parse_host_port(args.rpc_tracker), key=args.rpc_key,
-                           timeout=args.rpc_timeout)
-    return rpc.connect(host_port=rpc.parse_host_port(args.rpc_host), timeout=args.rpc_timeout)
+        return connect(tracker=parse_host_port(args.rpc_tracker), key=args.rpc_key, timeout=args.rpc_timeout)
+    return connect(host_port=parse_host_port(args.rpc_host), timeout=args.rpc_timeout)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -148,9 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact to write (.tar)")
     p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
-    p.add_argument("--always-apply-records", action="store_true",
-                   help="apply --tuning-db's records even where `tvmedge tune` measured the model slower with them "
-                        "than with the default schedules")
     p.add_argument("--no-shipped-schedules", action="store_true",
                    help="without --tuning-db, do not apply the databases shipped in schedules/ for the target's ISA class")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
@@ -190,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli"):
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.bench", "tvmedge.optimize.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .core.progress import console as make_console
+from .deploy.address import format_host_port
+from .deploy.launch import start_tracker
+from .deploy.session import connect
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +70,6 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
 
     from . import zoo
     from .build import compile_model
-    from .deploy import rpc
     from .deploy.emulate import EmulatedDevice
     from .frontend import load_model
     from .run import run_artifact
@@ -83,8 +85,8 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
     console.print("[bold]4/7[/] start a tracker on loopback and an [yellow]emulated[/] Raspberry Pi 4 "
                   "(qemu-aarch64; the first run prepares its arm64 user space, then it is cached)")
     t0 = time.perf_counter()
-    with rpc.start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key="pi4"):
-        console.print(f"      tracker {rpc.format_host_port(tr.addr)}, board registered under key 'pi4' "
+    with start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key="pi4"):
+        console.print(f"      tracker {format_host_port(tr.addr)}, board registered under key 'pi4' "
                       f"in {time.perf_counter() - t0:.0f} s")
         console.print(f"[bold]5/7[/] tune {name} on the board over RPC ({trials} trials, MetaSchedule + XGBoost)")
         report = tune_model(model, device, db, TuneOptions(trials), DevicePool(tr.addr, "pi4", emulated=True))
@@ -96,7 +98,7 @@ def device_part(console, name: str, work: Path, trials: int) -> tuple[bool, dict
                       f"{meta['target'].get('mcpu')})")
         console.print("[bold]7/7[/] run both on the board over RPC")
         x = zoo.example_input(entry, seed=3).numpy()
-        session = rpc.connect(tracker=tr.addr, key="pi4", timeout=300)
+        session = connect(tracker=tr.addr, key="pi4", timeout=300)
         runs = {label: run_artifact(tar, {model.inputs[0].name: x}, repeat=10, session=session)
                 for label, tar in (("tuned", tuned_tar), ("untuned", untuned_tar))}
         del session

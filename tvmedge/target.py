@@ -2,9 +2,9 @@
 
 A target can be the name of a device description in ``targets/`` (``host``, ``pi4``,
 ``jetson-nano``, ...), a TVM target tag (``raspberry-pi/4b-aarch64``) or a JSON target
-(``{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}``). Device descriptions are data: the
-TVM target, the cross compiler to link with, the default RPC key and the numbers a report
-needs, with their source.
+(``{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}``). Device descriptions are data
+(:mod:`tvmedge.devices` reads them): the TVM target, the cross compiler to link with, the
+default RPC key and the numbers a report needs, with their source.
 """
 
 from __future__ import annotations
@@ -16,20 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .devices import (cross_arch, cross_compiler_for, debian_package, description_path, device_names,
+                      emulation_of, read_description)
 from .core.errors import TvmedgeError, first_line
-from .core.resources import data_dir
-
-# Cross compilers by the target triple's architecture, for tags and JSON targets.
-_CROSS_BY_ARCH = {
-    "aarch64": "aarch64-linux-gnu-g++",
-    "arm": "arm-linux-gnueabihf-g++",
-    "riscv64": "riscv64-linux-gnu-g++",
-}
-_DEBIAN_PACKAGE = {
-    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
-    "arm-linux-gnueabihf-g++": "g++-arm-linux-gnueabihf",
-    "riscv64-linux-gnu-g++": "g++-riscv64-linux-gnu",
-}
 
 
 @dataclass
@@ -41,7 +30,7 @@ class Device:
     cross_compiler: str | None = None
     rpc_key: str | None = None
     device: str = "cpu"  # "cpu" or "cuda": which runtime device the VM runs on
-    emulator: str | None = None
+    emulator: str | None = None  # the qemu-user binary that emulates it, if tvmedge can
     report: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -54,7 +43,7 @@ class Device:
         if not self.cross_compiler:
             return None
         if shutil.which(self.cross_compiler) is None:
-            pkg = _DEBIAN_PACKAGE.get(self.cross_compiler, self.cross_compiler)
+            pkg = debian_package(self.cross_compiler)
             raise TvmedgeError(f"cross compiler '{self.cross_compiler}' for target '{self.name}' "
                                f"not found (install Debian package {pkg})")
         from tvm.support import cc
@@ -83,15 +72,6 @@ def host_target_dict() -> dict[str, Any]:
 
     return {"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(),
             "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
-
-
-def targets_dir() -> Path:
-    """The device descriptions folder, ``targets/`` (the checkout's or the installed package's)."""
-    return data_dir("targets")
-
-
-def device_names() -> list[str]:
-    return sorted(p.stem for p in targets_dir().glob("*.json"))
 
 
 def _make_target(spec: Any, what: str):
@@ -128,18 +108,16 @@ def _cross_for(target) -> str | None:
     triple = str(host.attrs.get("mtriple", "")) if host.kind.name == "llvm" else ""
     if not triple:
         return None
-    arch = triple.split("-")[0]
-    if arch.startswith("arm") and arch != "arm64":
-        arch = "arm"
+    arch = cross_arch(triple)
     from tvm.target import codegen
 
     if triple == codegen.llvm_get_system_triple() or arch == codegen.llvm_get_system_triple().split("-")[0]:
         return None
-    return _CROSS_BY_ARCH.get(arch)
+    return cross_compiler_for(arch)
 
 
 def load_description(path: Path) -> Device:
-    desc = json.loads(path.read_text())
+    desc = read_description(path)
     spec = desc["target"]
     report = dict(desc.get("report", {}))
     if spec == "detect":
@@ -147,17 +125,18 @@ def load_description(path: Path) -> Device:
         if report.get("cores") == "detect":
             report["cores"] = os.cpu_count()
     target = _make_target(spec, f"in {path.name}")
+    emu = emulation_of(desc)
     return Device(name=desc["name"], target=target, cross_compiler=desc.get("cross_compiler"),
                   rpc_key=desc.get("rpc_key"), device=desc.get("device", "cpu"),
-                  emulator=desc.get("emulator"), report=report,
+                  emulator=emu.qemu if emu else None, report=report,
                   description=desc.get("description", ""))
 
 
 def resolve(spec: str | None) -> Device:
     """Turn a device name, a TVM tag or a JSON target into a :class:`Device`."""
     spec = (spec or "host").strip()
-    path = targets_dir() / f"{spec}.json"
-    if "/" not in spec and path.exists():
+    path = description_path(spec)
+    if path is not None:
         return load_description(path)
     if spec.startswith("{"):
         try:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
+import secrets
 import sys
 import time
 
+from ..devices import emulated
 from ..core.errors import TvmedgeError
-from .emulate import KINDS
+from .address import parse_host_port, public_host
+from .emulate import main as emulate_main
+from .launch import start_server, start_tracker
+from .tracker import list_devices, server_registered, wait_for_tracker
 
 
 def _wait_forever(what: str) -> None:
@@ -36,15 +40,13 @@ def _warn_if_open(host: str, what: str) -> None:
 
 
 def cmd_tracker(args: argparse.Namespace) -> int:
-    from . import rpc
-
     _line_buffered()
     _warn_if_open(args.host, "tracker")
-    tr = rpc.start_tracker(host=args.host, port=args.port)
+    tr = start_tracker(host=args.host, port=args.port)
     print(f"RPC tracker listening on {tr.host}:{tr.port} (Ctrl-C to stop)")
     if args.host in ("127.0.0.1", "localhost"):
         print("  bound to loopback: give --host 0.0.0.0 to let devices on the network register")
-    print(f"  on each device: tvmedge device serve --tracker {_public(tr.host)}:{tr.port} --key pi4")
+    print(f"  on each device: tvmedge device serve --tracker {public_host(tr.host)}:{tr.port} --key pi4")
     try:
         _wait_forever("tracker")
     finally:
@@ -52,32 +54,22 @@ def cmd_tracker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _public(host: str) -> str:
-    if host in ("0.0.0.0", "::"):
-        return socket.gethostname()
-    return host
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import rpc
-
     _line_buffered()
     if args.secret_key:
         if args.tracker:
             raise TvmedgeError("--secret-key serves without a tracker: a tracker hands its keys to anyone who asks")
-        import secrets
-
         args.key = secrets.token_hex(16)
         print(f"secret key: {args.key}  (clients: --rpc-host HOST:PORT --rpc-key {args.key})")
     else:
         _warn_if_open(args.host, "RPC server")
-    tracker = rpc.parse_host_port(args.tracker) if args.tracker else None
+    tracker = parse_host_port(args.tracker) if args.tracker else None
     if tracker is not None:
-        rpc.wait_for_tracker(tracker, args.wait_tracker, log=print)
+        wait_for_tracker(tracker, args.wait_tracker, log=print)
 
     def start():
-        return rpc.start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
-                                load_library=args.load_library)
+        return start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
+                            load_library=args.load_library)
 
     srv = start()
     where = f"registered with tracker {tracker[0]}:{tracker[1]} as '{args.key}'" if tracker else "no tracker"
@@ -99,13 +91,11 @@ def _supervise(srv, start, tracker, key: str, every_s: float = 3.0, misses_allow
     """Keep the board on the tracker, as a real board's service would: a server whose
     process died, or that dropped off the tracker (its session worker was killed), is
     restarted. Returns on Ctrl-C, with the server stopped."""
-    from . import rpc
-
     misses = 0
     try:
         while True:
             time.sleep(every_s)
-            registered = rpc.server_registered(tracker, key, srv.port)
+            registered = server_registered(tracker, key, srv.port)
             misses = 0 if registered is not False and srv.alive() else misses + 1
             if not srv.alive() or misses >= misses_allowed:
                 why = "its process exited" if not srv.alive() else "it dropped off the tracker"
@@ -120,10 +110,8 @@ def _supervise(srv, start, tracker, key: str, every_s: float = 3.0, misses_allow
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import rpc
-
-    tracker = rpc.parse_host_port(args.rpc_tracker)
-    devices = rpc.list_devices(tracker)
+    tracker = parse_host_port(args.rpc_tracker)
+    devices = list_devices(tracker)
     if args.json:
         print(json.dumps(devices))
         return 0
@@ -135,12 +123,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
-    from . import rpc
-    from .emulate import main as emulate_main
-
     _line_buffered()
     if args.tracker:
-        rpc.wait_for_tracker(rpc.parse_host_port(args.tracker), args.wait_tracker, log=print)
+        wait_for_tracker(parse_host_port(args.tracker), args.wait_tracker, log=print)
     return int(emulate_main(kind=args.kind, tracker=args.tracker, key=args.key) or 0)
 
 
@@ -172,7 +157,7 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_list)
 
     p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
-    p.add_argument("kind", choices=sorted(KINDS))
+    p.add_argument("kind", choices=sorted(emulated()))
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",

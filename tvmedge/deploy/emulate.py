@@ -9,13 +9,12 @@ and MetaSchedule's measuring all get exercised without one.
 
 Choices:
 
-* ``pi4``: qemu CPU model ``cortex-a72`` (the BCM2711's core); target description ``pi4``
-  (TVM tag ``raspberry-pi/4b-aarch64``).
-* ``pi3``: the same arm64 user space (64-bit Raspberry Pi OS) on qemu's ``cortex-a53``;
-  target description ``pi3`` (``llvm``, ``aarch64-linux-gnu``, ``-mcpu=cortex-a53``,
-  ``+neon``). The 32-bit ``arm/rasp3b`` tag would need an armhf user space: not provided.
-* ``pi5``: the same user space on qemu's ``cortex-a76`` (Armv8.2-A with the int8 ``sdot``
-  dot product, which int8 models compiled for ``pi5`` use); target description ``pi5``.
+* The boards are the device descriptions in ``targets/`` with an ``"emulator"``
+  (:func:`tvmedge.devices.emulated`): it names the qemu-user binary, the CPU model
+  (``-cpu``: ``pi4`` the BCM2711's ``cortex-a72``, ``pi3`` ``cortex-a53``, ``pi5``
+  ``cortex-a76``, Armv8.2-A with the int8 ``sdot`` dot product that int8 models compiled
+  for ``pi5`` use) and the user space, the same arm64 one (64-bit Raspberry Pi OS) for
+  all three. The 32-bit ``arm/rasp3b`` tag would need an armhf user space: not provided.
 * The CPU model only limits the instruction set (a library using an extension the board
   lacks faults, as it would on the board); it does not model the board's speed. Emulated
   timings are 10-30x slower than native and not a Pi's: every info dict says
@@ -41,38 +40,17 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import emulation
 from ..core.errors import TvmedgeError
-from . import rpc
+from .address import HostPort, as_host_port, format_host_port, parse_host_port, public_host
+from .launch import Server, Tracker, start_server, start_tracker
 from .sysroot import Sysroot, prepare_sysroot
-
-
-@dataclass(frozen=True)
-class BoardKind:
-    name: str
-    arch: str
-    qemu_cpu: str
-    target: str  # name of the device description in targets/
-    description: str
-
-
-KINDS: dict[str, BoardKind] = {
-    "pi4": BoardKind("pi4", "aarch64", "cortex-a72", "pi4", "Raspberry Pi 4 Model B (Cortex-A72), 64-bit OS"),
-    "pi3": BoardKind("pi3", "aarch64", "cortex-a53", "pi3", "Raspberry Pi 3 Model B (Cortex-A53), 64-bit OS"),
-    "pi5": BoardKind("pi5", "aarch64", "cortex-a76", "pi5", "Raspberry Pi 5 (Cortex-A76, int8 dot product), 64-bit OS"),
-}
+from .tracker import server_registered, tracker_summary
 
 START_TIMEOUT_S = 180.0  # import tvm twice under qemu (server + its popen worker) on a busy host
-
-
-def _board(kind: str) -> BoardKind:
-    try:
-        return KINDS[kind]
-    except KeyError:
-        raise TvmedgeError(f"no emulated device '{kind}' (available: {', '.join(KINDS)})") from None
 
 
 class EmulatedDevice:
@@ -85,13 +63,13 @@ class EmulatedDevice:
     (default: stderr).
     """
 
-    def __init__(self, kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str | None = None,
+    def __init__(self, kind: str = "pi4", tracker: HostPort | str | None = None, key: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, *, timeout: float = START_TIMEOUT_S,
                  sysroot: Sysroot | None = None, log: Callable[[str], None] | None = None,
                  restart_on_crash: bool = True):
-        self.board = _board(kind)
+        self.board = emulation(kind)
         self.kind = kind
-        self.tracker = rpc.as_host_port(tracker) if tracker is not None else None
+        self.tracker = as_host_port(tracker) if tracker is not None else None
         self.key = key or kind
         self.host = host
         self.port = port
@@ -99,7 +77,7 @@ class EmulatedDevice:
         self.sysroot = sysroot
         self._log = log
         self.restart_on_crash = restart_on_crash
-        self.server: rpc.Server | None = None
+        self.server: Server | None = None
         self.restarts = 0
         self.failure: str | None = None
         self.started_s: float | None = None
@@ -121,7 +99,7 @@ class EmulatedDevice:
         self._wrapper = self._workdir / "python3"
         self._wrapper.write_text("#!/bin/sh\n"
                                  f"# tvmedge emulated {self.kind}: the arm64 Python under qemu-user\n"
-                                 f"exec {shlex.join(self.sysroot.command(self.board.qemu_cpu))} \"$@\"\n")
+                                 f"exec {shlex.join(self.sysroot.command(self.board.cpu))} \"$@\"\n")
         self._wrapper.chmod(0o755)
         try:
             self.server = self._start_server()
@@ -137,7 +115,7 @@ class EmulatedDevice:
             self._watcher.start()
         return self
 
-    def _start_server(self) -> rpc.Server:
+    def _start_server(self) -> Server:
         assert self.sysroot is not None and self._wrapper is not None
         # The host's Python/loader settings mean nothing to the arm64 Python: drop them.
         env: dict[str, str | None] = {k: None for k in os.environ
@@ -145,9 +123,9 @@ class EmulatedDevice:
         env.update(PYTHONPATH=str(self.sysroot.site_packages), PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1",
                    TVMEDGE_EMU_EXECUTABLE=str(self._wrapper), TVMEDGE_EMULATED=self.kind)
         try:
-            return rpc.start_server(self.tracker, self.key, host=self.host, port=self._requested_port,
-                                    load_library=[str(self.sysroot.runtime_extra_lib)], env=env,
-                                    python=str(self._wrapper), timeout=self.timeout)
+            return start_server(self.tracker, self.key, host=self.host, port=self._requested_port,
+                                load_library=[str(self.sysroot.runtime_extra_lib)], env=env,
+                                python=str(self._wrapper), timeout=self.timeout)
         except TvmedgeError as e:
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
 
@@ -164,10 +142,8 @@ class EmulatedDevice:
             srv = self.server
             if srv is None:
                 return
-            try:
-                listed = any(a[1] == srv.port for a in
-                             rpc._servers_by_key(rpc.tracker_summary(self.tracker, 2.0)).get(self.key, []))
-            except TvmedgeError:
+            listed = server_registered(self.tracker, self.key, srv.port)
+            if listed is None:
                 continue  # the tracker is away: nothing a restart would fix
             if listed and srv.alive():
                 missing = 0
@@ -228,8 +204,8 @@ class EmulatedDevice:
         """What this device is; ``emulated`` is always True (timings are not the board's)."""
         return {
             "kind": self.kind, "key": self.key, "emulated": True, "description": self.board.description,
-            "target": self.board.target, "arch": self.board.arch, "qemu_cpu": self.board.qemu_cpu,
-            "tracker": rpc.format_host_port(self.tracker) if self.tracker else None,
+            "target": self.board.kind, "arch": self.board.arch, "qemu_cpu": self.board.cpu,
+            "tracker": format_host_port(self.tracker) if self.tracker else None,
             "server": self.address, "running": self.alive(), "startup_seconds": self.started_s,
             "restarts": self.restarts, "failure": self.failure,
             "sysroot": str(self.sysroot.path) if self.sysroot else None,
@@ -241,7 +217,7 @@ class EmulatedDevice:
         return f"<EmulatedDevice {self.kind} key={self.key} server={self.address} emulated>"
 
 
-def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str | None = None,
+def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | None = None,
          host: str = "127.0.0.1", port: int | None = None, count: int = 1,
          out: Callable[[str], None] | None = None) -> int:
     """Run ``count`` emulated ``kind`` boards in the foreground until Ctrl-C (SIGTERM, SIGHUP).
@@ -251,12 +227,12 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
     restarted or the tracker dies.
     """
     say = out or (lambda msg: print(msg, flush=True))
-    board = _board(kind)
+    board = emulation(kind)
     key = key or kind
-    tracker = rpc.as_host_port(tracker) if tracker is not None else None
+    tracker = as_host_port(tracker) if tracker is not None else None
     if count < 1:
         raise TvmedgeError("--count must be at least 1")
-    own_tracker: rpc.Tracker | None = None
+    own_tracker: Tracker | None = None
     devices: list[EmulatedDevice] = []
 
     def on_term(signum, frame):  # SIGTERM / SIGHUP: stop as for Ctrl-C
@@ -266,22 +242,22 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
         if _main_thread() else {}
     try:
         if tracker is None:
-            own_tracker = rpc.start_tracker(host)
+            own_tracker = start_tracker(host)
             tracker = own_tracker.addr
-            say(f"started RPC tracker at {rpc.format_host_port((_public(host), own_tracker.port))}")
+            say(f"started RPC tracker at {format_host_port((public_host(host), own_tracker.port))}")
         else:
-            rpc.tracker_summary(tracker)  # fail now if unreachable
+            tracker_summary(tracker)  # fail now if unreachable
         sysroot = prepare_sysroot(board.arch)
         for i in range(count):
-            say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.qemu_cpu})"
+            say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.cpu})"
                 + (f" {i + 1}/{count}" if count > 1 else "") + " ...")
             dev = EmulatedDevice(kind, tracker, key, host=host, port=port if count == 1 else None, sysroot=sysroot,
                                  log=say)
             devices.append(dev)
             dev.start()
-            say(f"  registered as '{key}' at RPC tracker {rpc.format_host_port(tracker)} "
+            say(f"  registered as '{key}' at RPC tracker {format_host_port(tracker)} "
                 f"(server {dev.address}, up in {dev.started_s:.0f} s)")
-        where = rpc.format_host_port((_public(tracker[0]), tracker[1]))
+        where = format_host_port((public_host(tracker[0]), tracker[1]))
         say(f"ready: --rpc-tracker {where} --rpc-key {key}  (emulated: timings are not a Pi's). Ctrl-C to stop.")
         while True:
             for dev in devices:  # crashed servers are restarted by the device's watcher
@@ -303,23 +279,12 @@ def main(kind: str = "pi4", tracker: rpc.HostPort | str | None = None, key: str 
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
-
-
-def _public(host: str) -> str:
-    """An address to print for ``host``: the machine's name when bound to all interfaces."""
-    if host in ("", "0.0.0.0", "::"):
-        import socket
-
-        return socket.gethostname()
-    return host
 
 
 if __name__ == "__main__":  # python -m tvmedge.deploy.emulate [pi4|pi3|pi5] [HOST:PORT]
     _kind = sys.argv[1] if len(sys.argv) > 1 else "pi4"
-    _tracker = rpc.parse_host_port(sys.argv[2]) if len(sys.argv) > 2 else None
+    _tracker = parse_host_port(sys.argv[2]) if len(sys.argv) > 2 else None
     try:
         sys.exit(main(_kind, _tracker))
     except TvmedgeError as _e:

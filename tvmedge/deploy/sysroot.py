@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import cross_compiler_for, debian_package, qemu_for, targets_dir
 from ..core.errors import TvmedgeError
 
 SUPPORTED_ARCHES = ("aarch64",)
@@ -64,14 +65,9 @@ WHEEL_PLATFORMS = ["manylinux_2_36_aarch64", "manylinux_2_28_aarch64", "manylinu
                    "manylinux2014_aarch64"]  # bookworm's glibc is 2.36
 DROPPED_FILES = ["tvm/lib/libtvm_compiler.so"]
 
-QEMU = {"aarch64": "qemu-aarch64-static"}
-CROSS_CXX = {"aarch64": "aarch64-linux-gnu-g++"}
-DEBIAN_PACKAGE_OF = {
-    "qemu-aarch64-static": "qemu-user-static",
-    "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
-    "apt-get": "apt",
-    "dpkg-deb": "dpkg",
-}
+# Debian packages of the tools preparing a user space takes; those of the emulator and
+# the cross compiler (named by the device descriptions) come from tvmedge.devices.
+DEBIAN_PACKAGE_OF = {"apt-get": "apt", "dpkg-deb": "dpkg"}
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -126,7 +122,7 @@ class Sysroot:
 def _which_or_error(tool: str, why: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pkg = DEBIAN_PACKAGE_OF.get(tool, tool)
+        pkg = DEBIAN_PACKAGE_OF.get(tool) or debian_package(tool)
         raise TvmedgeError(f"'{tool}' not found: it is needed {why} (install the Debian package {pkg})")
     return path
 
@@ -134,15 +130,30 @@ def _which_or_error(tool: str, why: str) -> str:
 def check_tools(arch: str = "aarch64", cross_compiler: bool = True) -> dict[str, str]:
     """Paths of the emulator (and cross compiler); TvmedgeError naming the package if missing."""
     _check_arch(arch)
-    tools = {"qemu": _which_or_error(QEMU[arch], f"to emulate an {arch} device")}
+    tools = {"qemu": _which_or_error(_qemu(arch), f"to emulate an {arch} device")}
     if cross_compiler:
-        tools["cxx"] = _which_or_error(CROSS_CXX[arch], f"to link libraries for an {arch} device")
+        tools["cxx"] = _which_or_error(_cross_compiler(arch), f"to link libraries for an {arch} device")
     return tools
 
 
 def _check_arch(arch: str) -> None:
     if arch not in SUPPORTED_ARCHES:
         raise TvmedgeError(f"no emulated user space for '{arch}' (supported: {', '.join(SUPPORTED_ARCHES)})")
+
+
+def _qemu(arch: str) -> str:
+    """The qemu-user binary for ``arch``, as the device descriptions of emulated boards name it."""
+    qemu = qemu_for(arch)
+    if qemu is None:
+        raise TvmedgeError(f"no device description in {targets_dir()} says how to emulate {arch}")
+    return qemu
+
+
+def _cross_compiler(arch: str) -> str:
+    cxx = cross_compiler_for(arch)
+    if cxx is None:
+        raise TvmedgeError(f"no device description in {targets_dir()} names a cross compiler for {arch}")
+    return cxx
 
 
 def device_wheels() -> dict[str, str]:
@@ -168,7 +179,8 @@ def find_sysroot(arch: str = "aarch64") -> Sysroot | None:
     wanted = device_wheels()
     if manifest.get("format") != FORMAT or any(manifest.get("wheels", {}).get(n) != wanted[n] for n in MUST_MATCH_HOST):
         return None
-    root = Sysroot(arch, path, shutil.which(QEMU[arch]) or QEMU[arch], manifest)
+    qemu = _qemu(arch)
+    root = Sysroot(arch, path, shutil.which(qemu) or qemu, manifest)
     if not (root.python.exists() and root.runtime_extra_lib.exists()):
         return None
     return root
@@ -336,7 +348,7 @@ def _wheels(tmp: Path, log: Log) -> dict[str, str]:
     for plat in WHEEL_PLATFORMS:
         argv += ["--platform", plat]
     try:
-        import pip  # noqa: F401
+        import pip  # noqa: F401 (only whether pip is there)
     except ImportError:
         raise TvmedgeError(f"pip is not installed in {sys.executable}: it is needed to download the "
                            "device's wheels (python -m ensurepip)") from None

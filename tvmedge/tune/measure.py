@@ -11,7 +11,12 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import time
 from pathlib import Path
+
+from ..deploy.session import connect
+from ..deploy.tracker import list_devices
+from ..core.errors import TvmedgeError
 
 
 def export_cross(mod, cross_compiler: str | None = None) -> str:
@@ -31,15 +36,10 @@ def _registered(rpc_config, grace_s: float = 3.0) -> bool:
 
     Servers stay registered while they serve a session, so "none" means the device is gone.
     """
-    import time
-
-    from ..deploy import rpc
-    from ..core.errors import TvmedgeError
-
     deadline = time.monotonic() + grace_s
     while True:
         try:
-            devs = rpc.list_devices((rpc_config.tracker_host, rpc_config.tracker_port), timeout=5.0)
+            devs = list_devices((rpc_config.tracker_host, rpc_config.tracker_port), timeout=5.0)
             if any(d["key"] == rpc_config.tracker_key and d["total"] > 0 for d in devs):
                 return True
         except TvmedgeError:
@@ -58,11 +58,6 @@ def create_session_logged(rpc_config, log_path: str | None = None):
     request is bounded and re-asked in short slices, and it fails as soon as no server is
     registered under the key any more, so that the tuner can notice and stop.
     """
-    import time
-
-    from ..deploy import rpc
-    from ..core.errors import TvmedgeError
-
     tracker = (rpc_config.tracker_host, rpc_config.tracker_port)
     key = rpc_config.tracker_key
     deadline = time.monotonic() + max(30.0, float(rpc_config.session_timeout_sec or 60))
@@ -70,8 +65,8 @@ def create_session_logged(rpc_config, log_path: str | None = None):
         if not _registered(rpc_config):
             raise RuntimeError(f"no server registered under key '{key}' at the tracker (device lost)")
         try:
-            session = rpc.connect(tracker=tracker, key=key, timeout=10.0,
-                                  session_timeout=float(rpc_config.session_timeout_sec or 0))
+            session = connect(tracker=tracker, key=key, timeout=10.0,
+                              session_timeout=float(rpc_config.session_timeout_sec or 0))
             break
         except TvmedgeError as e:  # all busy (someone else's session) or gone: look again
             if time.monotonic() > deadline:

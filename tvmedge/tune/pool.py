@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..core.errors import TvmedgeError
-from ..deploy import rpc
+from ..deploy.address import parse_host_port
+from ..deploy.launch import start_server, start_tracker
+from ..deploy.session import connect
+from ..deploy.tracker import list_devices
 
 
 @dataclass
@@ -34,7 +37,7 @@ class DevicePool:
         """Whether a server is still registered under the key (a few polls, to ride out a reconnect)."""
         for attempt in range(polls):
             try:
-                if any(d["key"] == self.key and d["total"] > 0 for d in rpc.list_devices(self.tracker)):
+                if any(d["key"] == self.key and d["total"] > 0 for d in list_devices(self.tracker)):
                     return True
             except TvmedgeError:
                 pass
@@ -44,7 +47,7 @@ class DevicePool:
 
     def connect(self, timeout: float = 300) -> Any:
         """An RPC session on one of the devices."""
-        return rpc.connect(tracker=self.tracker, key=self.key, timeout=timeout)
+        return connect(tracker=self.tracker, key=self.key, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -61,8 +64,8 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     """
     key = key or device.rpc_key or device.name
     if tracker:
-        addr = rpc.parse_host_port(tracker)
-        free = sum(d.get("free", 0) for d in rpc.list_devices(addr) if d["key"] == key)
+        addr = parse_host_port(tracker)
+        free = sum(d.get("free", 0) for d in list_devices(addr) if d["key"] == key)
         if free == 0:
             raise TvmedgeError(f"no free device under key '{key}' at tracker {addr[0]}:{addr[1]} "
                                f"(start one with `tvmedge device serve --tracker {addr[0]}:{addr[1]} --key {key}`)")
@@ -72,7 +75,7 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     from ..target import host_target_dict
 
     with contextlib.ExitStack() as stack:
-        tr = rpc.start_tracker()
+        tr = start_tracker()
         stack.callback(tr.stop)
         native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
         if device.device == "cpu" and native:
@@ -81,7 +84,7 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
             # measuring side tells devices apart (tvmedge.tune.measure.create_session_logged).
             tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
             stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
-            srv = rpc.start_server(tracker=(tr.host, tr.port), key=key,
+            srv = start_server(tracker=(tr.host, tr.port), key=key,
                                    env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
             stack.callback(srv.stop)
             yield DevicePool((tr.host, tr.port), key, 1, False)
