@@ -1,4 +1,4 @@
-"""Build hook: the wheel carries the top-level ``targets/`` and ``schedules/`` folders.
+"""Build hook: the wheel carries the top-level ``targets/``, ``schedules/`` and ``kernels/`` folders.
 
 They stay at the repository's top level (the project's layout); ``build_py`` copies them
 into the built package as ``tvmedge/_data/<name>/``, where :func:`tvmedge.core.resources.data_dir`
@@ -13,7 +13,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DATA_DIRS = ("targets", "schedules")
+DATA_DIRS = ("targets", "schedules", "kernels")
 
 
 class BuildPyWithData(build_py):

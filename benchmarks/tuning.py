@@ -54,8 +54,7 @@ def main() -> None:
 
     from tvmedge import zoo
     from tvmedge.frontend import load_model
-    from tvmedge.isa import tvm_series
-    from tvmedge.tune.shipped import database_class
+    from tvmedge.tune.shipped import database_class, shipped_class_dir
     from tvmedge.core.model import random_inputs
     from tvmedge.target import resolve
     from tvmedge.tune.database import export_best
@@ -106,8 +105,7 @@ def main() -> None:
                 # schedules/<ISA class the records need>/tvm-<major.minor>/<model> (see schedules/README.md)
                 best = tmp / f"{name}-best"
                 kept = export_best(db_dir, best)  # the best record per workload: all compile applies
-                dest = (Path(__file__).parent.parent / "schedules" / database_class(best) / f"tvm-{tvm_series()}"
-                        / name)
+                dest = shipped_class_dir(database_class(best)) / name
                 if dest.exists():
                     shutil.rmtree(dest)
                 shutil.copytree(best, dest)

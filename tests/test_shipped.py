@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tvmedge.isa import database_class, isa_class, record_class, tvm_series, usable_classes
+from tvmedge.isa import isa_class, record_class, tvm_series, usable_classes
+from tvmedge.tune.shipped import database_class
 from tvmedge.core.resources import data_dir
 from tvmedge.target import resolve
 from tvmedge.tune.database import RECORDS, WORKLOADS
@@ -193,10 +194,10 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     from tvmedge import zoo
     from tvmedge.build import compile_model
     from tvmedge.frontend import load_model
-    from tvmedge.run import random_inputs
+    from tvmedge.core.model import random_inputs
     from tvmedge.target import host_target_dict
-    from tvmedge.tune.cli import _alive, device_pool
-    from tvmedge.tune.tuner import tune_model
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import TuneOptions, tune_model
 
     onnx_path = zoo.export("digits-cnn", tmp_path / "m.onnx")
     model = load_model(onnx_path)
@@ -204,8 +205,8 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
     two = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 2}))
     eight = dataclasses.replace(host, target=Target({**host_target_dict(), "num-cores": 8}))
     db = tmp_path / "db"
-    with device_pool(two, None, None, None, log=lambda m: None, threads=2) as (tracker, key, free, _):
-        tune_model(model, two, db, 8, tracker, key, n_devices=free, progress=False, device_alive=_alive(tracker, key))
+    with device_pool(two, log=lambda m: None, threads=2) as pool:
+        tune_model(model, two, db, TuneOptions(8), pool, progress=False)
     records = [json.loads(ln)[1][2] for ln in (db / RECORDS).read_text().splitlines() if ln.strip()]
     assert records and {r["num-cores"] for r in records} == {2}
 
@@ -233,13 +234,13 @@ def test_records_tuned_for_2_cores_apply_and_run_with_the_targets_core_count(tmp
 
 
 @pytest.mark.slow
-def test_installed_wheel_finds_targets_and_schedules(tmp_path):
+def test_installed_wheel_finds_targets_schedules_and_kernels(tmp_path):
     """Build a wheel, install it (no deps, no network) in a fresh venv, resolve data from there."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("tvmedge", "targets", "schedules"):
+    for name in ("tvmedge", "targets", "schedules", "kernels"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "_data"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
@@ -271,8 +272,12 @@ def test_installed_wheel_finds_targets_and_schedules(tmp_path):
         dbs = shipped_databases(resolve(json.dumps({x86("skylake-avx512")!r})))
         assert [d.name for d in dbs] == ["lraspp_mbv3", "resnet18"], dbs
         assert all(d.is_relative_to(pkg / "_data" / "schedules") for d in dbs), dbs
+        from tvmedge.kernels import kernel_source
+        assert data_dir("kernels") == pkg / "_data" / "kernels" and "popc" in kernel_source("xnor.cu")
         print("ok", dbs[0])
     """)
-    proc = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    # Without PYTHONPATH: a checkout on it would be imported instead of the installed wheel.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "_data/schedules/x86_64-avx512/tvm-" in proc.stdout

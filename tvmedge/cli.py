@@ -17,9 +17,9 @@ from .core.jsonio import dumps
 
 
 def _console():
-    from rich.console import Console
+    from .core.progress import console
 
-    return Console(stderr=False, highlight=False)
+    return console()
 
 
 # ---------------------------------------------------------------- compile
@@ -37,7 +37,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not args.json:
             print_report(report)
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
-                         use_shipped=not args.no_shipped_schedules)
+                         use_shipped=not args.no_shipped_schedules, keep_faster=not args.always_apply_records)
     if args.json:
         print(dumps(meta))
     else:
@@ -47,6 +47,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"({meta['target'].get('kind')}, {meta['target'].get('mtriple') or meta['target'].get('arch', '')}) "
               f"in {meta['compile_seconds']:.1f}s -> {args.output} "
               f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}{tuned}]")
+        if meta["tuning_db_skipped"]:
+            print(f"note: {meta['tuning_db_skipped']}")
         sch = meta["schedules"]
         line = f"kernels: {sch['tuned']} from tuning records, {sch['default_rule']} by default rules"
         if sch["unscheduled"]:
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact to write (.tar)")
     p.add_argument("--target", default="host", help="device name (targets/), TVM tag or JSON target (default host)")
     p.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records in DIR")
+    p.add_argument("--always-apply-records", action="store_true",
+                   help="apply --tuning-db's records even where `tvmedge tune` measured the model slower with them "
+                        "than with the default schedules")
     p.add_argument("--no-shipped-schedules", action="store_true",
                    help="without --tuning-db, do not apply the databases shipped in schedules/ for the target's ISA class")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
@@ -184,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.bench", "tvmedge.optimize.cli"):
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet

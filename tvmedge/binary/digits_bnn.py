@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..zoo.digits import accuracy, cache_dir, load_split
+from ..zoo.digits import WEIGHTS, accuracy, cache_dir, load_split
 from .layers import BinaryConv2d, BinaryDense, SignSTE, clip_latent_weights
 
-SHIPPED = Path(__file__).resolve().parent.parent / "zoo" / "weights" / "digits_bnn.pt"
+SHIPPED = WEIGHTS / "digits_bnn.pt"
 
 
 def _bconv(cin: int, cout: int) -> BinaryConv2d:

@@ -1,5 +1,5 @@
-"""Where tvmedge's data folders are: ``targets/`` (device descriptions) and ``schedules/``
-(shipped tuning databases).
+"""Where tvmedge's data folders are: ``targets/`` (device descriptions), ``schedules/``
+(shipped tuning databases) and ``kernels/`` (hand-written kernel sources: .cu, .cl).
 
 In the repository they sit at the top level, next to ``tvmedge/``. An installed wheel
 carries copies of them inside the package, as ``tvmedge/_data/<name>/`` (``setup.py``'s
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import TvmedgeError
 
-DATA_DIRS = ("targets", "schedules")
+DATA_DIRS = ("targets", "schedules", "kernels")
 _PACKAGE = Path(__file__).resolve().parents[1]  # the tvmedge package
 
 

@@ -348,7 +348,7 @@ def _wheels(tmp: Path, log: Log) -> dict[str, str]:
     for plat in WHEEL_PLATFORMS:
         argv += ["--platform", plat]
     try:
-        import pip  # noqa: F401 (only whether pip is there)
+        import pip  # noqa: F401
     except ImportError:
         raise TvmedgeError(f"pip is not installed in {sys.executable}: it is needed to download the "
                            "device's wheels (python -m ensurepip)") from None

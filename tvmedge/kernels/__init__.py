@@ -40,11 +40,11 @@ def get_backend(name: str) -> ModuleType:
 
 
 def kernel_source(filename: str) -> str:
-    """Text of a hand-written kernel file from the repository's ``kernels/`` folder.
+    """Text of a hand-written kernel file from the ``kernels/`` data folder (the checkout's,
+    or an installed wheel's copy). ``TVMEDGE_KERNELS_DIR`` overrides the folder."""
+    from ..core.resources import data_dir
 
-    ``TVMEDGE_KERNELS_DIR`` overrides the folder (e.g. for a non-editable install).
-    """
-    folder = Path(os.environ.get("TVMEDGE_KERNELS_DIR") or Path(__file__).resolve().parents[2] / "kernels")
+    folder = Path(os.environ["TVMEDGE_KERNELS_DIR"]) if os.environ.get("TVMEDGE_KERNELS_DIR") else data_dir("kernels")
     path = folder / filename
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {path} not found (set TVMEDGE_KERNELS_DIR)")

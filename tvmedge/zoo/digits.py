@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from .models import DigitsCNN
 
-SHIPPED = Path(__file__).parent / "weights" / "digits_cnn.pt"
+WEIGHTS = Path(__file__).parent / "weights"  # the zoo's shipped weights (package data)
+SHIPPED = WEIGHTS / "digits_cnn.pt"
 SPLIT_SEED = 0
 
 
