@@ -152,7 +152,7 @@ def test_data_folders_found():
     assert (data_dir("targets") / "host.json").exists()
     assert data_dir("schedules").is_dir()
     with pytest.raises(ValueError):
-        data_dir("kernels")
+        data_dir("nonsense")
 
 
 def scheduled_kernels(model, target, db_dirs):
