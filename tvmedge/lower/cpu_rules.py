@@ -71,6 +71,20 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(min(n, at_most), 1) + 1) if n % d == 0)
 
 
+def _numel(sch: s_tir.Schedule, block) -> int | None:
+    """Elements of the (first) buffer ``block`` writes; None when not static."""
+    writes = sch.get(block).writes
+    if not writes:
+        return None
+    n = 1
+    for d in writes[0].source.shape:
+        d = _int(d)
+        if d is None:
+            return None
+        n *= d
+    return n
+
+
 def _vector_factor(extent: int, lanes: int, max_vectors: int = 2) -> int:
     """The vector tile of an axis: the largest divisor of ``extent`` made of up to ``max_vectors``
     whole vectors; else one half or quarter vector (at least 4 lanes). Odd multiples of a
@@ -222,6 +236,21 @@ class SpatialReduction(ScheduleRule):
                 sch.compute_inline(block)
             except Exception:  # noqa: BLE001
                 kept.append(block)
+        # A broadcasting epilogue (squeeze-excitation: sigmoid(conv(pooled)) * x) writes more
+        # than the reduction: inlined, it would redo the per-channel part (a sigmoid) for
+        # every pixel. The blocks of the reduction's size stay the epilogue; the rest become
+        # one spatial stage of their own.
+        size = _numel(sch, red.block_rv)
+        n_small = next((k for k, b in enumerate(epilogue) if _numel(sch, b) != size), len(epilogue))
+        broadcast = epilogue[n_small:]
+        epilogue = epilogue[:n_small]
+        if broadcast and any(_numel(sch, b) is None for b in broadcast):
+            return None
+        for block in broadcast[:-1]:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001
+                return None
         # Epilogue: one block that reads the accumulator tile.
         for block in epilogue[:-1]:
             try:
@@ -300,7 +329,7 @@ class SpatialReduction(ScheduleRule):
                 sch.vectorize(tile[-1])
         else:
             _schedule_spatial(sch, tail, target)
-        for block_ in kept:
+        for block_ in kept + broadcast[-1:]:
             _schedule_spatial(sch, block_, target)
         return sch
 
