@@ -13,12 +13,14 @@ rules on CUDA) that applies; :class:`ScheduleReport` says which function got wha
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import tvm
 from tvm import relax
 
+from . import vecmath
 from .normalize import NormalizeClip
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -35,9 +37,14 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         relax.transform.CanonicalizeBindings(),
     ]
     if cpu:
-        passes.append(relax.transform.ConvertLayout(NHWC))
+        from .chanpad import PadChannels
+        from .cpu_rules import vector_lanes
+
+        passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant()]
+        if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
+            passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
     passes += [
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(vecmath.legalize_map() if cpu else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

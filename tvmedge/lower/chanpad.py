@@ -1,0 +1,227 @@
+"""Pad NHWC channel counts to whole SIMD vectors along conv chains (a Relax pass for CPU targets).
+
+tvmedge's CPU rules vectorize a conv over its output channels (NHWC's innermost axis). With
+channel counts that are not a multiple of the vector width (ShuffleNetV2's 58 / 116 / 232
+with 16 fp32 lanes) the vector tile falls back to 4 lanes or to scalar code, and those convs
+ran 10-20x below the others. This pass gives such convs zero-padded weights instead, so
+they compute ``C_pad`` channels (the next multiple of the vector width), and lets the padded
+tensor flow on through the ops that treat channels independently — bias add / scale,
+activations, depthwise conv (zero-padded weights), pooling, spatial mean — and into the
+next conv, whose weights get zero rows for the padded input channels. Everywhere else (and
+at the function's outputs) the tensor is sliced back to its ``C`` channels.
+
+Exactness: padded output channels of a conv are 0 (zero weights); the ops they flow through
+keep them finite (an activation of a finite value, a bias add, a scale by 1 on the padding),
+and a conv reading them multiplies them by zero weights: the real channels' sums get
+``+ 0.0`` terms only. Only the summation order of the vectorized code changes, as it does
+for any schedule.
+
+Which counts are padded: those that half vectors do not fit (the rules' tile is then 4 lanes
+or scalar), when they grow by at most a third (58 -> 64, 116 -> 128 with 16 lanes). Counts
+that half vectors fit are left alone: padding 24 -> 32 and 40 -> 48 made EfficientNet
+slower (the next conv's extra input channels cost more than whole vectors gain), and while
+RegNet's 440 -> 448 helped (regnet_y_400mf 0.94x -> 0.77x ORT; ShuffleNet's 232 -> 240 was
+within noise), padding such counts in MobileNetV3 (72, 120, 184, 200) changes LR-ASPP's
+kernels so that the shipped tuning records no longer match them (47 or 31 of 56 kernels
+instead of 56). Re-tuning the shipped databases would allow it. Counts below one vector
+are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+_Const = tvm.ir.expr.GenericConst  # _Const before TVM 0.27
+
+MAX_GROWTH = 4 / 3 + 1e-9  # largest C_pad / C padded
+
+_UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "relax.tanh", "relax.nn.gelu",
+          "relax.nn.leakyrelu", "relax.nn.relu6", "relax.negative", "relax.abs", "relax.square"}
+# binary op -> the value a channel-wise constant is padded with (keeps the padding finite)
+_BINARY = {"relax.add": 0.0, "relax.subtract": 0.0, "relax.multiply": 1.0, "relax.divide": 1.0,
+           "relax.maximum": 0.0, "relax.minimum": 0.0}
+_POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
+
+
+def padded_channels(c: int, lanes: int) -> int | None:
+    """The channel count to pad ``c`` to, or None to leave it (a multiple of ``lanes``, below
+    one vector, or growing by more than :data:`MAX_GROWTH`)."""
+    if lanes <= 1 or c < lanes or c % lanes == 0:
+        return None
+    cp = -(-c // lanes) * lanes
+    if c % max(lanes // 2, 1) == 0:  # half vectors already fit (see the module's docstring)
+        return None
+    return cp if cp <= MAX_GROWTH * c else None
+
+
+def _shape(expr) -> list[int] | None:
+    if isinstance(expr, _Const):
+        return [int(d) for d in expr.value.shape]
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except Exception:  # noqa: BLE001 - unknown or symbolic shape
+        return None
+
+
+def _dtype(expr) -> str | None:
+    if isinstance(expr, _Const):
+        return str(expr.value.dtype)
+    return str(getattr(getattr(expr, "ty", None), "dtype", None))
+
+
+@mutator
+class _ChannelPad(PyExprMutator):
+    def __init__(self, mod, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.padded: dict = {}  # padded var -> its real channel count
+        self.count = 0
+
+    # -- helpers
+    def _padded_of(self, new_arg):
+        """(padded var, C) when ``new_arg`` is the slice of a padded tensor, else None."""
+        if not isinstance(new_arg, relax.Var):
+            return None
+        value = self.lookup_binding(new_arg)
+        if (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+                and value.op.name == "relax.strided_slice" and isinstance(value.args[0], relax.Var)):
+            for var, c in self.padded.items():
+                if var.same_as(value.args[0]):
+                    return var, c
+        return None
+
+    def _emit_padded(self, call, c: int):
+        """Bind ``call`` (which computes padded channels), return the slice to ``c`` channels."""
+        var = self.builder_.emit(call)
+        self.padded[var] = c
+        return relax.op.strided_slice(var, axes=[3], begin=[0], end=[c])
+
+    # -- the rewrite
+    def visit_call_(self, call):  # noqa: D102
+        op = call.op.name if isinstance(call.op, tvm.ir.Op) else None
+        try:
+            out = None
+            if op == "relax.nn.conv2d":
+                out = self._conv2d(call)
+            elif op in _BINARY:
+                out = self._binary(call, _BINARY[op])
+            elif op in _UNARY or op in _POOL or op == "relax.mean":
+                out = self._channelwise(call, op)
+        except Exception:  # noqa: BLE001 - any surprise: leave the op as it was
+            if os.environ.get("TVMEDGE_CHANPAD_DEBUG"):
+                raise
+            out = None
+        return out if out is not None else super().visit_call_(call)
+
+    def _conv2d(self, call):
+        a = call.attrs
+        if (a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC"
+                or not isinstance(call.args[1], _Const) or _dtype(call.args[1]) != "float32"):
+            return None
+        x = self.visit_expr(call.args[0])
+        w = call.args[1].value.numpy()
+        kh, kw, wi, o = w.shape
+        src = self._padded_of(x)
+        cin = _shape(call.args[0])[3]
+        groups = int(a.groups)
+
+        def conv(data, weight, groups_):
+            return relax.op.nn.conv2d(data, relax.const(weight), strides=a.strides, padding=a.padding,
+                                      dilation=a.dilation, groups=groups_, data_layout="NHWC",
+                                      kernel_layout="HWIO", out_layout="NHWC", out_dtype=a.out_dtype)
+
+        if groups == 1:
+            op_ = padded_channels(o, self.lanes)
+            if src is None and op_ is None:
+                return None
+            data = x
+            if src is not None:
+                cp_in = _shape(src[0])[3]
+                w = np.pad(w, ((0, 0), (0, 0), (0, cp_in - wi), (0, 0)))
+                data = src[0]
+            if op_ is not None:
+                w = np.pad(w, ((0, 0), (0, 0), (0, 0), (0, op_ - o)))
+                self.count += 1
+                return self._emit_padded(conv(data, w, 1), o)
+            return conv(data, w, 1)
+        if groups == cin == o and wi == 1 and src is not None:  # depthwise on a padded input
+            cp = _shape(src[0])[3]
+            w = np.pad(w, ((0, 0), (0, 0), (0, 0), (0, cp - o)))
+            return self._emit_padded(conv(src[0], w, cp), o)
+        return None
+
+    def _binary(self, call, fill: float):
+        out_shape = _shape(call)
+        if out_shape is None or len(out_shape) != 4:
+            return None
+        args = [self.visit_expr(arg) for arg in call.args]
+        srcs = [self._padded_of(arg) for arg in args]
+        cs = {s[1] for s in srcs if s is not None}
+        if len(cs) != 1:
+            return None
+        (c,) = cs
+        if out_shape[3] != c:
+            return None
+        cp = next(_shape(s[0])[3] for s in srcs if s is not None)
+        new = []
+        for arg, src in zip(args, srcs):
+            if src is not None:
+                if _shape(src[0])[3] != cp:
+                    return None
+                new.append(src[0])
+            elif isinstance(arg, _Const):
+                data = arg.value.numpy()
+                if data.ndim and data.shape[-1] == c:
+                    widths = [(0, 0)] * (data.ndim - 1) + [(0, cp - c)]
+                    data = np.pad(data, widths, constant_values=fill)
+                elif data.ndim and data.shape[-1] != 1:
+                    return None
+                new.append(relax.const(data))
+            else:
+                return None
+        return self._emit_padded(relax.Call(call.op, new, call.attrs, call.ty_args), c)
+
+    def _channelwise(self, call, op: str):
+        a = call.attrs
+        if op in _POOL and (a.layout != "NHWC" or a.out_layout != "NHWC"):
+            return None
+        if op == "relax.mean":
+            axes = sorted(int(ax) % 4 for ax in a.axis) if a.axis is not None else None
+            if not a.keepdims or axes is None or 3 in axes:
+                return None
+        args = [self.visit_expr(arg) for arg in call.args]
+        src = self._padded_of(args[0])
+        if src is None:
+            return None
+        return self._emit_padded(relax.Call(call.op, [src[0], *args[1:]], call.attrs, call.ty_args), src[1])
+
+
+def pad_channels(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Apply the padding to every Relax function of ``mod`` (NHWC, after ConvertLayout and
+    FoldConstant, before legalization); dead slices are removed."""
+    if lanes <= 1:
+        return mod
+    mutator_ = _ChannelPad(mod, lanes)
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs, global_infos=mod.global_infos)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            out[gv] = mutator_.visit_expr(func)
+    if mutator_.count == 0:
+        return mod
+    return relax.transform.DeadCodeElimination()(out)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.PadChannels")
+class PadChannels:
+    """:func:`pad_channels` as a module pass, the vector width from the current target."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: D102
+        return pad_channels(mod, self.lanes)
