@@ -177,3 +177,31 @@ def test_jetson_kernels_get_dlight_gpu_rules(opmix_onnx):
     _, report = build_executable(load_model(opmix_onnx), resolve("jetson-nano"))
     assert report.unscheduled == [] and set(report.default.values()) <= {
         "Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback"}
+
+
+def test_vectorized_sigmoid_is_within_3_ulp():
+    """The CPU legalization of sigmoid/SiLU (tvmedge.lower.vecmath) is not libm's: its error
+    bound is checked against float64 over the range where the result is a normal float."""
+    import tvm
+    from tvm.script import relax as R
+
+    from tvmedge.core.vm import ModelVM
+    from tvmedge.lower.pipeline import build
+
+    n = 1 << 20
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((n,), "float32")) -> R.Tensor((n,), "float32"):
+            with R.dataflow():
+                y = R.sigmoid(x)
+                R.output(y)
+            return y
+
+    x = np.concatenate([np.linspace(-87, 30, n - 4, dtype=np.float32), np.float32([-1e-30, 0, 1e-30, 88])])
+    ex, _ = build(Mod, resolve("host").target)
+    (y,) = ModelVM(ex, tvm.cpu(0), ["x"])({"x": x})
+    exact = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    ulp = np.abs(y.astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 3.0, f"sigmoid off by {ulp.max():.2f} ulp at x={x[ulp.argmax()]}"

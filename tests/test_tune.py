@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -43,6 +44,15 @@ def assert_valid_database(db: Path) -> int:
     return len(database)
 
 
+@pytest.fixture(scope="module")
+def tuned4(digits_onnx, tmp_path_factory):
+    """One completed 4-trial tuning of the digits CNN (tests copy its database)."""
+    db = tmp_path_factory.mktemp("tuned4") / "db"
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
+    assert proc.returncode == 0, proc.stderr
+    return {"db": db, "report": json.loads(proc.stdout)}
+
+
 def server_env() -> dict[str, str]:
     return {"TVM_NUM_THREADS": "1", "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-test-dev-")}
 
@@ -51,10 +61,10 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
     import onnxruntime as ort
 
     db = tmp_path / "db"
-    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16", "--json")
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
-    assert rep["trials_run"] >= 8 and rep["devices_used"] == 1
+    assert rep["trials_run"] >= 4 and rep["devices_used"] == 1
     assert rep["latency_ms"]["tuned"]["median"] > 0 and rep["onnxruntime_ms"]["median"] > 0
     tuned = [t for t in rep["tasks"] if t["trials"]]
     assert tuned and all(t["best_us"] > 0 for t in tuned)
@@ -91,7 +101,7 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
 
     # Same model again: every tuned workload is reused, no trial is spent twice.
     before = record_lines(db)
-    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16", "--json", "--no-compare")
+    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "8", "--json", "--no-compare")
     assert proc.returncode == 0, proc.stderr
     rep2 = json.loads(proc.stdout)
     reused = {t["name"] for t in rep2["tasks"] if t["status"] == "reused"}
@@ -128,12 +138,12 @@ def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, 
     db = tmp_path / "db"
     with start_tracker() as tr:
         srv = start_server(tr.addr, "victim", env=server_env())
-        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "32",
+        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16",
                "--rpc-tracker", format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             deadline = time.time() + 600
-            # kill at the first measured batch (4 trials of 32): most of the budget is still to come
+            # kill at the first measured batch (4 trials of 16): most of the budget is still to come
             while not record_lines(db) and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.5)
             assert proc.poll() is None, "tuning ended before the device could be killed"
@@ -202,14 +212,13 @@ def test_tune_errors(digits_onnx, tmp_path):
     assert proc.returncode != 0 and "127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits_onnx, tmp_path):
+def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits_onnx, tuned4, tmp_path):
     """An interrupted run's state says how many trials each task had when it started; resume
     spends what is left on the tasks that got none (MetaSchedule's scheduler would give it to
     the tasks it already knows, leaving some with no record while the state said completed)."""
     db = tmp_path / "db"
-    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
-    assert proc.returncode == 0, proc.stderr
-    first = {t["name"]: t["trials"] for t in json.loads(proc.stdout)["tasks"]}
+    shutil.copytree(tuned4["db"], db)
+    first = {t["name"]: t["trials"] for t in tuned4["report"]["tasks"]}
     reached = {n for n, k in first.items() if k}
     assert reached and len(reached) < len(first)
     # Make it an interrupted run of 12 trials that started from nothing.
@@ -227,10 +236,9 @@ def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits
     assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
 
 
-def test_damaged_state_file_does_not_stop_compile_or_tune(digits_onnx, tmp_path):
+def test_damaged_state_file_does_not_stop_compile_or_tune(digits_onnx, tuned4, tmp_path):
     db = tmp_path / "db"
-    proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "4", "--json", "--no-compare")
-    assert proc.returncode == 0, proc.stderr
+    shutil.copytree(tuned4["db"], db)
     records = record_lines(db)
     text = (db / STATE).read_text()
     (db / STATE).write_text(text[: len(text) // 2])  # a half-written state file
