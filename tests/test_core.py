@@ -56,7 +56,10 @@ def test_onnx_matches_onnxruntime(name, host, tmp_path):
     assert rel_err(res.outputs[0], ref) < 1e-4
 
 
-@pytest.mark.parametrize("name", ZOO_NAMES)
+# .pt2 imports of the two big models take half a minute each: in the slow run (the ONNX
+# test above covers them by default, the coverage matrix covers .pt2 on other families).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("lraspp_mbv3", "mobilenet_v2")
+                                  else n for n in ZOO_NAMES])
 def test_pt2_matches_pytorch(name, host, tmp_path):
     entry = zoo.get(name)
     pt2 = zoo.export(name, tmp_path / f"{name}.pt2")

@@ -122,6 +122,7 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
         assert sum(rec[1]) / len(rec[1]) == best[idx]
 
 
+@pytest.mark.slow
 def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):
     with start_tracker() as tr:
         with start_server(tr.addr, "farm", env=server_env()), start_server(tr.addr, "farm", env=server_env()):
@@ -134,16 +135,17 @@ def test_device_farm_two_servers_one_key(digits_onnx, tmp_path):
     assert rep["devices_used"] == 2
 
 
+@pytest.mark.slow
 def test_device_killed_mid_tune_keeps_database_and_resume_finishes(digits_onnx, tmp_path):
     db = tmp_path / "db"
     with start_tracker() as tr:
         srv = start_server(tr.addr, "victim", env=server_env())
-        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "16",
+        cmd = [sys.executable, "-m", "tvmedge", "tune", str(digits_onnx), "--tuning-db", str(db), "--trials", "32",
                "--rpc-tracker", format_host_port(tr.addr), "--rpc-key", "victim", "--no-compare"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             deadline = time.time() + 600
-            # kill at the first measured batch (4 trials of 16): most of the budget is still to come
+            # kill at the first measured batch (4 trials of 32): most of the budget is still to come
             while not record_lines(db) and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.5)
             assert proc.poll() is None, "tuning ended before the device could be killed"
@@ -221,9 +223,9 @@ def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits
     first = {t["name"]: t["trials"] for t in tuned4["report"]["tasks"]}
     reached = {n for n, k in first.items() if k}
     assert reached and len(reached) < len(first)
-    # Make it an interrupted run of 12 trials that started from nothing.
+    # Make it an interrupted run of 8 trials that started from nothing.
     state = json.loads((db / STATE).read_text())
-    state["last_run"].update(completed=False, trials=12,
+    state["last_run"].update(completed=False, trials=8,
                              start_trials={k: 0 for k in state["last_run"]["start_trials"]})
     for st in state["tasks"].values():
         st["finished"] = False
