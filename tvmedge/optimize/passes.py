@@ -51,11 +51,15 @@ class Pass:
         """The data this pass needs, as configured (some need labelled data only for an option)."""
         return self.needs
 
-    def __call__(self, model: ImportedModel, ctx: PassContext) -> tuple[ImportedModel, dict[str, Any] | None]:
+    def check(self, ctx: PassContext) -> None:
+        """Refuse a context that lacks the data this pass needs."""
         missing = [n for n in self.required() if getattr(ctx, n) is None]
         if missing:
             what = {"calib": "calibration data (--calib)", "eval": "labelled data (--eval)"}
             raise TvmedgeError(f"the {self.name} pass needs {' and '.join(what[m] for m in missing)}")
+
+    def __call__(self, model: ImportedModel, ctx: PassContext) -> tuple[ImportedModel, dict[str, Any] | None]:
+        self.check(ctx)
         return self.run(model, ctx)
 
     def run(self, model: ImportedModel, ctx: PassContext) -> tuple[ImportedModel, dict[str, Any] | None]:
@@ -170,9 +174,7 @@ class Pipeline:
         """Returns the rewritten model and ``{"rewrites": [pass reports], "check": summary}``
         (no ``check`` key when the pipeline was built with ``check=False``)."""
         for p in self.passes:  # refuse before any work is done
-            missing = [n for n in p.required() if getattr(ctx, n) is None]
-            if missing:
-                p(model, ctx)  # raises the pass's own message
+            p.check(ctx)
         reports: list[dict[str, Any]] = []
         for p in self.passes:
             model, rep = p(model, ctx)
