@@ -21,6 +21,13 @@ from .core.errors import TvmedgeError
 from .core.vm import ModelVM
 
 
+def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
+    """Median, 90th percentile, min and mean of a list of latencies (ms)."""
+    lat = np.asarray(latencies_ms)
+    return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
+            "min": float(lat.min()), "mean": float(lat.mean())}
+
+
 @dataclass
 class RunResult:
     outputs: list[np.ndarray]
@@ -30,9 +37,7 @@ class RunResult:
     threads: int
 
     def latency_summary(self) -> dict[str, float]:
-        lat = np.asarray(self.latencies_ms)
-        return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
-                "min": float(lat.min()), "mean": float(lat.mean())}
+        return latency_summary(self.latencies_ms)
 
     def to_json(self) -> dict[str, Any]:
         outs = [{"name": spec["name"], "shape": list(o.shape), "dtype": str(o.dtype),

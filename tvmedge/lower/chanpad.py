@@ -36,6 +36,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..core.graph import dtype_of, shape_of
+
 _Const = tvm.ir.expr.GenericConst  # _Const before TVM 0.27
 
 MAX_GROWTH = 4 / 3 + 1e-9  # largest C_pad / C padded
@@ -57,21 +59,6 @@ def padded_channels(c: int, lanes: int) -> int | None:
     if c % max(lanes // 2, 1) == 0:  # half vectors already fit (see the module's docstring)
         return None
     return cp if cp <= MAX_GROWTH * c else None
-
-
-def _shape(expr) -> list[int] | None:
-    if isinstance(expr, _Const):
-        return [int(d) for d in expr.value.shape]
-    try:
-        return [int(d) for d in expr.ty.shape]
-    except Exception:  # noqa: BLE001 - unknown or symbolic shape
-        return None
-
-
-def _dtype(expr) -> str | None:
-    if isinstance(expr, _Const):
-        return str(expr.value.dtype)
-    return str(getattr(getattr(expr, "ty", None), "dtype", None))
 
 
 @mutator
@@ -121,13 +108,13 @@ class _ChannelPad(PyExprMutator):
     def _conv2d(self, call):
         a = call.attrs
         if (a.data_layout != "NHWC" or a.kernel_layout != "HWIO" or a.out_layout != "NHWC"
-                or not isinstance(call.args[1], _Const) or _dtype(call.args[1]) != "float32"):
+                or not isinstance(call.args[1], _Const) or dtype_of(call.args[1]) != "float32"):
             return None
         x = self.visit_expr(call.args[0])
         w = call.args[1].value.numpy()
         kh, kw, wi, o = w.shape
         src = self._padded_of(x)
-        cin = _shape(call.args[0])[3]
+        cin = shape_of(call.args[0])[3]
         groups = int(a.groups)
 
         def conv(data, weight, groups_):
@@ -141,7 +128,7 @@ class _ChannelPad(PyExprMutator):
                 return None
             data = x
             if src is not None:
-                cp_in = _shape(src[0])[3]
+                cp_in = shape_of(src[0])[3]
                 w = np.pad(w, ((0, 0), (0, 0), (0, cp_in - wi), (0, 0)))
                 data = src[0]
             if op_ is not None:
@@ -150,13 +137,13 @@ class _ChannelPad(PyExprMutator):
                 return self._emit_padded(conv(data, w, 1), o)
             return conv(data, w, 1)
         if groups == cin == o and wi == 1 and src is not None:  # depthwise on a padded input
-            cp = _shape(src[0])[3]
+            cp = shape_of(src[0])[3]
             w = np.pad(w, ((0, 0), (0, 0), (0, 0), (0, cp - o)))
             return self._emit_padded(conv(src[0], w, cp), o)
         return None
 
     def _binary(self, call, fill: float):
-        out_shape = _shape(call)
+        out_shape = shape_of(call)
         if out_shape is None or len(out_shape) != 4:
             return None
         args = [self.visit_expr(arg) for arg in call.args]
@@ -167,11 +154,11 @@ class _ChannelPad(PyExprMutator):
         (c,) = cs
         if out_shape[3] != c:
             return None
-        cp = next(_shape(s[0])[3] for s in srcs if s is not None)
+        cp = next(shape_of(s[0])[3] for s in srcs if s is not None)
         new = []
         for arg, src in zip(args, srcs):
             if src is not None:
-                if _shape(src[0])[3] != cp:
+                if shape_of(src[0])[3] != cp:
                     return None
                 new.append(src[0])
             elif isinstance(arg, _Const):

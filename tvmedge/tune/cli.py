@@ -18,7 +18,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from ..frontend import load_model, parse_shapes
     from ..target import resolve
-    from .database import TuningDatabase, model_key
+    from .database import SLOWER_MARGIN, TuningDatabase, model_key
     from .pool import device_pool, measure_model
     from .tuner import TuneOptions, tune_model
 
@@ -33,20 +33,18 @@ def run_tune(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="tvmedge-tune-") as tmp:
                 tuned = measure_model(model, device, pool, args.tuning_db, args.repeat, Path(tmp), "tuned")
                 untuned = measure_model(model, device, pool, None, max(3, args.repeat // 4), Path(tmp), "untuned")
-                slower = tuned["latency_ms"]["median"] > 1.05 * untuned["latency_ms"]["median"]
-                if slower:
+                if tuned["latency_ms"]["median"] > SLOWER_MARGIN * untuned["latency_ms"]["median"]:
                     # Each kernel's record is at least as fast as its default schedule when
                     # measured alone; end to end that need not hold (noisy or emulated
                     # devices). Measure both again, alternating, before deciding.
                     tuned, untuned = _ab(tuned, untuned, pool, args.repeat)
             report["latency_ms"] = {"tuned": tuned["latency_ms"], "untuned": untuned["latency_ms"]}
-            report["tuned_slower_than_default"] = bool(
-                tuned["latency_ms"]["median"] > 1.05 * untuned["latency_ms"]["median"])
             # compile follows this verdict: a model slower with its records gets the defaults.
             with TuningDatabase(args.tuning_db, write=True) as db:
                 report["end_to_end"] = db.record_end_to_end(
                     model_key(model), device.name, tuned["latency_ms"]["median"], untuned["latency_ms"]["median"],
                     report["emulated"])
+            report["tuned_slower_than_default"] = report["end_to_end"]["faster"] == "default"
             report["onnxruntime_ms"] = _onnxruntime_here(args.model, model, device, tuned["outputs"], report)
     if args.json:
         print(dumps(report))
@@ -85,21 +83,15 @@ def run_tune(args: argparse.Namespace) -> int:
 def _ab(tuned: dict[str, Any], untuned: dict[str, Any], pool, repeat: int, rounds: int = 3):
     """Both artifacts timed again in alternation (a device's speed drifts: one long run
     each can favour either); each keeps all its latencies, and its median is recomputed."""
-    import numpy as np
-
+    from ..run import latency_summary
     from .pool import time_artifact
 
     runs = {"tuned": list(tuned["latencies_ms"]), "untuned": list(untuned["latencies_ms"])}
     for _ in range(rounds):
         for label, art in (("tuned", tuned["artifact"]), ("untuned", untuned["artifact"])):
             runs[label] += time_artifact(art, pool, max(3, repeat // 2))["latencies_ms"]
-    out = []
-    for label, first in (("tuned", tuned), ("untuned", untuned)):
-        lat = np.asarray(runs[label])
-        out.append({**first, "latencies_ms": runs[label],
-                    "latency_ms": {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
-                                   "min": float(lat.min()), "mean": float(lat.mean())}})
-    return out[0], out[1]
+    return tuple({**first, "latencies_ms": runs[label], "latency_ms": latency_summary(runs[label])}
+                 for label, first in (("tuned", tuned), ("untuned", untuned)))
 
 
 def _onnxruntime_here(model_path: str, model, device, outputs, report) -> dict[str, float] | None:

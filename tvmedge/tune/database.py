@@ -30,6 +30,8 @@ from ..core.errors import TvmedgeError
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 STATE = "tvmedge-state.json"
+# A tuned build counts as slower than the default schedules only beyond this ratio (noise).
+SLOWER_MARGIN = 1.05
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -115,11 +117,11 @@ class TuningDatabase:
         return entry if isinstance(entry, dict) and entry.get("faster") in ("tuned", "default") else None
 
     def record_end_to_end(self, model_key: str, target: str, tuned_ms: float, default_ms: float,
-                          emulated: bool, margin: float = 1.05) -> dict[str, Any]:
+                          emulated: bool) -> dict[str, Any]:
         """Store a comparison; the defaults win only when the tuned build is slower by more than
-        ``margin`` (within it, the difference is the device's noise)."""
+        :data:`SLOWER_MARGIN` (within it, the difference is the device's noise)."""
         entry = {"tuned_ms": round(tuned_ms, 4), "default_ms": round(default_ms, 4), "emulated": emulated,
-                 "faster": "default" if tuned_ms > margin * default_ms else "tuned"}
+                 "faster": "default" if tuned_ms > SLOWER_MARGIN * default_ms else "tuned"}
         self.state.setdefault("end_to_end", {})[f"{model_key}@{target}"] = entry
         self.save_state()
         return entry
