@@ -205,3 +205,42 @@ def test_vectorized_sigmoid_is_within_3_ulp():
     exact = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
     ulp = np.abs(y.astype(np.float64) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
     assert ulp.max() <= 3.0, f"sigmoid off by {ulp.max():.2f} ulp at x={x[ulp.argmax()]}"
+
+
+class WideConv(nn.Module):
+    """A conv and a dense layer whose weights are big enough to be packed per vector tile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(64, 128, 3, 1, 1)
+        self.fc = nn.Linear(128, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_big_weights_are_packed_at_compile_time_and_match_onnxruntime(tmp_path):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from tvmedge.lower.pipeline import finish, kernels, prepare, schedule
+
+    torch.manual_seed(0)
+    path = tmp_path / "wide.onnx"
+    torch.onnx.export(WideConv().eval(), (torch.randn(1, 64, 9, 9),), str(path), input_names=["x"],
+                      opset_version=17, dynamo=False)
+    host = resolve("host")
+    mod, report = schedule(prepare(load_model(path).mod, host.target, layout_free=True), host.target)
+    assert report.unscheduled == []
+    mod = finish(mod, host.target)
+    # The packing copy left the kernels (folded into the constants): the conv and the dense
+    # kernel now take a weight with the vector tile as its innermost axis.
+    packed = [n for n, f in kernels(mod).items() if any(len(p.shape) == 5 for p in f.params)]
+    assert any("conv2d" in n for n in packed), kernels(mod).keys()
+    assert not any("layout_rewrite_preproc" in str(f) for f in kernels(mod).values())
+    x = np.random.default_rng(0).standard_normal((1, 64, 9, 9)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(mod, host.target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

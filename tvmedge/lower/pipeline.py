@@ -202,7 +202,8 @@ def schedule(mod: tvm.IRModule, target, database=None) -> tuple[tvm.IRModule, Sc
 
 
 def finish(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """Fold the weight layout rewrites tuning records ask for (weights are constants)."""
+    """Fold the weight layout rewrites that tuning records and the default rules' weight
+    packing ask for (weights are constants): the packed weights become the constants."""
     with tvm.target.Target(target):
         return tvm.transform.Sequential([
             relax.transform.SplitLayoutRewritePreproc(),
@@ -213,8 +214,7 @@ def finish(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def build(mod: tvm.IRModule, target, database=None) -> tuple[Any, ScheduleReport]:
     """prepare -> schedule -> compile: the VM executable and what scheduled each kernel."""
-    mod = prepare(mod, target, layout_free=database is not None)
+    mod = prepare(mod, target, layout_free=True)
     mod, report = schedule(mod, target, database)
-    if database is not None:
-        mod = finish(mod, target)
+    mod = finish(mod, target)
     return tvm.compile(mod, target=target), report
