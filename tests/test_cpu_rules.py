@@ -244,3 +244,29 @@ def test_big_weights_are_packed_at_compile_time_and_match_onnxruntime(tmp_path):
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_batchnorm_of_a_pt2_model_is_folded_into_the_conv(tmp_path):
+    """torch.export keeps BatchNorm (ONNX exporters fold it): it must become the conv's weights
+    and a bias, not a per-element subtract/divide/multiply/add epilogue."""
+    import tvm
+    from tvm import relax
+
+    from tvmedge.lower.pipeline import kernels, prepare, schedule
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 8, 10, 10)
+    path = tmp_path / "convbn.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(path))
+    host = resolve("host")
+    mod, _ = schedule(prepare(load_model(path).mod, host.target, layout_free=True), host.target)
+    names = list(kernels(mod))
+    assert not any("divide" in n or "subtract" in n for n in names), names
+    vm = relax.VirtualMachine(tvm.compile(mod, host.target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()))
+    out = (out if hasattr(out, "numpy") else out[0]).numpy()
+    ref = net(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

@@ -21,6 +21,7 @@ import tvm
 from tvm import relax
 
 from . import vecmath
+from .foldaffine import FoldConvAffine
 from .normalize import NormalizeClip
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -35,6 +36,8 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         NormalizeClip,
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        FoldConvAffine,  # BatchNorm that torch.export kept: into the conv's weights
     ]
     if cpu:
         from .chanpad import PadChannels
