@@ -109,6 +109,10 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         kind = meta["device"]["kind"]
         if session is None:
             _check_runs_here(meta)
+            if meta.get("vta"):  # offloaded layers call the accelerator's driver function (simulated)
+                from .vta.runtime import register
+
+                register()
             # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
             # x86, to skip hyper-threads even where there are none): set it before first use.
             os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)

@@ -64,6 +64,12 @@ class ConvLayer:
         return self.cout * oh * ow * self.cin * self.kh * self.kw
 
 
+def workload_key(layer: ConvLayer) -> str:
+    return (f"cin{layer.cin}_h{layer.h}_w{layer.w}_cout{layer.cout}_k{layer.kh}x{layer.kw}"
+            f"_s{layer.stride[0]}x{layer.stride[1]}_p{'-'.join(map(str, layer.pad))}_relu{int(layer.relu)}")
+
+
+
 @dataclass(frozen=True)
 class Tiling:
     """The knobs of one layer's schedule."""

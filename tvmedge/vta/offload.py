@@ -24,7 +24,7 @@ import numpy as np
 
 from ..core.graph import CONV, bindings, conv_attrs, dtype_of, op_name, shape_of
 from ..core.model import ImportedModel
-from .codegen import Compiled, ConvLayer, Tiling, compile_layer
+from .codegen import Compiled, ConvLayer, Tiling, compile_layer, workload_key
 from .isa import HwConfig
 from .partition import COMPOSITE_PREFIX, layer_report, partition
 from .runtime import FUNC_NAME, header
@@ -67,28 +67,58 @@ def _layer_from_composite(func: Any, name: str) -> tuple[ConvLayer, Any, bool, A
     return layer, scale, is_matmul, root
 
 
-def offload(model: ImportedModel, accel: Any, tilings: dict[str, Tiling] | None = None,
-            only: Callable[[str], bool] | None = None, warn: Callable[[str], None] | None = None
-            ) -> tuple[ImportedModel, dict[str, Any]]:
+def _composites(mod: Any) -> list[tuple[Any, Any]]:
+    """``(call, composite function)`` for each ``vta.*`` composite call in ``main``, in order."""
+    from tvm import relax
+
+    out = []
+    for b in bindings(mod["main"]):
+        call = b.value
+        if isinstance(call, relax.Call) and isinstance(call.op, relax.GlobalVar):
+            func = mod[call.op]
+            comp = func.attrs.get("Composite") if func.attrs is not None else None
+            if comp is not None and str(comp).startswith(COMPOSITE_PREFIX):
+                out.append((call, func))
+    return out
+
+
+def _name_of(report: list[dict[str, Any]], func: Any) -> str:
+    root_w = _layer_from_composite(func, "?")[3].args[1]
+    return next((r["layer"] for r in report if r["weight"].same_as(root_w)), "?")
+
+
+def offloadable_layers(model: ImportedModel, accel: Any) -> list[ConvLayer]:
+    """The layers of ``model`` the partitioning would send to ``accel`` (their tuning workloads)."""
+    report = layer_report(model.mod["main"])
+    mod = partition(model.mod)
+    return [_layer_from_composite(func, _name_of(report, func))[0] for _, func in _composites(mod)]
+
+
+def offload(model: ImportedModel, accel: Any, records: dict[str, dict[str, Any]] | None = None,
+            warn: Callable[[str], None] | None = None) -> tuple[ImportedModel, dict[str, Any]]:
     """``model`` with its offloadable int8 layers running on accelerator ``accel``
     (a :class:`tvmedge.devices.Accelerator`), and the report of where each layer went.
 
-    ``tilings``: per-layer tiling (from tuning); others get the default. ``only``: a filter
-    on layer names (tuning's "which layers to offload" knob); a layer it refuses stays on
-    the CPU."""
+    ``records``: tuning choices by workload key (:mod:`tvmedge.vta.tune`): a layer's tiling,
+    and whether to offload it at all; layers without a record get the default tiling."""
     from tvm import relax
 
     cfg = HwConfig.from_accelerator(accel)
-    tilings = tilings or {}
+    records = records or {}
     report = layer_report(model.mod["main"])
     by_weight = [(r["weight"], r) for r in report]
     for r in report:
         r["where"] = "cpu"
-        if r["reason"] is None and only is not None and not only(r["layer"]):
-            r["reason"] = "kept on the CPU by the tuning choice"
+    if records:
+        for layer in offloadable_layers(model, accel):
+            rec = records.get(workload_key(layer))
+            if rec is not None and not rec.get("offload", True):
+                r = next(r for r in report if r["layer"] == layer.name)
+                r["reason"] = "kept on the CPU by the tuning choice (estimated faster there)"
     keep = [r["weight"] for r in report if r["reason"] is not None]
     mod = partition(model.mod, refuse=lambda root: any(w.same_as(root.args[1]) for w in keep))
     compiled: dict[str, Compiled] = {}
+    tuned: set[str] = set()
 
     @relax.expr_functor.mutator
     class Offloader(relax.PyExprMutator):
@@ -104,7 +134,10 @@ def offload(model: ImportedModel, accel: Any, tilings: dict[str, Tiling] | None 
             entry = next((r for w, r in by_weight if w.same_as(root_w)), None)
             name = entry["layer"] if entry else f"layer_{len(compiled)}"
             layer, scale, is_matmul, _ = _layer_from_composite(func, name)
-            c = compile_layer(layer, cfg, tilings.get(name), accel.name)
+            rec = records.get(workload_key(layer))
+            c = compile_layer(layer, cfg, Tiling(**rec["tiling"]) if rec else None, accel.name)
+            if rec:
+                tuned.add(name)
             compiled[name] = c
             x = call.args[0]
             if is_matmul:
@@ -136,7 +169,7 @@ def offload(model: ImportedModel, accel: Any, tilings: dict[str, Tiling] | None 
         if c is not None:
             e = estimate(c.program, accel)
             total_cycles += e.cycles
-            row.update(where=accel.name, reason=None, tiling=c.tiling.to_dict(), macs=c.layer.macs,
+            row.update(where=accel.name, reason=None, tiling=c.tiling.to_dict(), tuned=r["layer"] in tuned, macs=c.layer.macs,
                        estimate=e.to_dict())
         elif r["reason"] is None:
             row["reason"] = "did not match an offload pattern (an intermediate result is used elsewhere)"
