@@ -122,4 +122,5 @@ def tune_model(model: ImportedModel, accel: Any, db: str | os.PathLike, trials: 
     if not layers:
         raise TvmedgeError(f"nothing to tune for {accel.name}: the model has no int8 conv2d/dense layer the core takes "
                            "(quantize it with --quantize int8)")
-    return tune_layers(layers, accel, db, trials, progress)
+    # The budget is the model's, as for `tvmedge tune` on a board: shared among the layers.
+    return tune_layers(layers, accel, db, max(1, trials // len(layers)), progress)
