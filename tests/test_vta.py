@@ -324,3 +324,59 @@ def test_tuning_records_drive_the_compile(digits_int8):
     (db / RECORDS).write_text("{broken")
     with pytest.raises(TvmedgeError, match="unreadable"):
         compile_model(digits_int8["model"], resolve("vta-pynq"), d / "t2.tar", tuning_db=db)
+
+
+# ---------------------------------------------------------------- over RPC on the emulated VTA board
+@pytest.fixture(scope="module")
+def shapes_int8(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vta-shapes")
+    model = load_model(zoo.export("shapes-seg", d / "shapes.onnx"))
+    calib = data_mod.load("shapes", model, "calib", limit=8)
+    q, _ = quantize(model, calib, observer="minmax", progress=False)
+    compile_model(q, resolve("host"), d / "host.tar")
+    return {"dir": d, "model": q, "x": calib.samples[0], "host": d / "host.tar"}
+
+
+@pytest.mark.slow
+def test_emulated_vta_board_runs_digits_and_shapes_bit_exact(tracker, digits_int8, shapes_int8, tmp_path):
+    """The done-when check: int8 digits-cnn and shapes-seg compiled for vta-pynq, run over RPC
+    on the emulated board through the tracker (``tvmedge run --rpc-tracker``), give the host
+    int8 build's outputs bit for bit."""
+    from tvmedge.vta.board import VtaBoard
+
+    cases = []
+    for name, case in (("digits", digits_int8), ("shapes", shapes_int8)):
+        art = tmp_path / f"{name}-vta.tar"
+        meta = compile_model(case["model"], resolve("vta-pynq"), art)
+        assert meta["vta"]["offloaded"] and not meta["vta"]["on_cpu"], meta["vta"]["on_cpu"]
+        np.savez(tmp_path / f"{name}-in.npz", **case["x"])
+        run_cli("run", str(case["host"]), "--inputs", str(tmp_path / f"{name}-in.npz"), "--outputs",
+                str(tmp_path / f"{name}-host.npz"), "--repeat", "1", check=True)
+        cases.append((name, art))
+    where = f"{tracker.addr[0]}:{tracker.addr[1]}"
+    with VtaBoard("vta-pynq", tracker.addr) as board:
+        assert board.info()["host_part"] == "native"
+        for name, art in cases:
+            run_cli("run", str(art), "--rpc-tracker", where, "--rpc-key", "vta-pynq", "--inputs",
+                    str(tmp_path / f"{name}-in.npz"), "--outputs", str(tmp_path / f"{name}-vta.npz"), "--repeat", "1",
+                    check=True)
+            got, want = np.load(tmp_path / f"{name}-vta.npz"), np.load(tmp_path / f"{name}-host.npz")
+            for k in want:
+                assert np.array_equal(got[k], want[k]), (name, k, np.abs(got[k] - want[k]).max())
+
+
+@pytest.mark.slow
+def test_tune_cli_for_vta(shapes_int8, tmp_path):
+    from tvmedge.core.model import save_relax
+
+    path = save_relax(shapes_int8["model"], tmp_path / "shapes-int8.relax")
+    proc = run_cli("tune", str(path), "--target", "vta-pynq", "--tuning-db", str(tmp_path / "db"), "--trials", "60",
+                   "--json", in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["simulated"] and len(rep["layers"]) == 15
+    assert all(r["best_cycles"] <= r["default_cycles"] for r in rep["layers"])
+    proc = run_cli("compile", str(path), "--target", "vta-pynq", "--tuning-db", str(tmp_path / "db"), "-o",
+                   str(tmp_path / "s.tar"), in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "(tuned)" in proc.stdout
