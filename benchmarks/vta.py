@@ -66,11 +66,7 @@ def _row(name: str, cfg_name: str, info: dict[str, Any], accel: Any, tuned: bool
     peak = accel.block_in * accel.block_out
     issued = sum(r["estimate"]["macs"] for r in off)
     useful = sum(r["macs"] for r in off)
-    cpu_est = 0.0
-    for r in off:  # the same layers on the board's CPU (roofline)
-        class _L:  # host_cpu_ms needs only .macs
-            macs = r["macs"]
-        cpu_est += host_cpu_ms(_L, accel) or 0.0
+    cpu_est = host_cpu_ms(useful, accel) or 0.0  # the same layers on the board's CPU (roofline)
     ms = cycles / (accel.clock_mhz * 1e3)
     return {"model": name, "config": cfg_name, "core": f"1x{accel.block_in}x{accel.block_out}",
             "clock_mhz": accel.clock_mhz, "tuned": tuned, "layers_total": len(info["layers"]),
@@ -102,7 +98,7 @@ def main() -> None:
     from tvmedge.vta.offload import offload, offloadable_layers
     from tvmedge.vta.tune import choices, tune_layers
 
-    console = Console()
+    console = Console(width=170)
     rows: list[dict[str, Any]] = []
     host_ms: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tvmedge-bench-vta-") as tmpd:

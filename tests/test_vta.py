@@ -338,7 +338,7 @@ def shapes_int8(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_emulated_vta_board_runs_digits_and_shapes_bit_exact(tracker, digits_int8, shapes_int8, tmp_path):
+def test_emulated_vta_board_runs_digits_and_shapes_bit_exact(digits_int8, shapes_int8, tmp_path):
     """The done-when check: int8 digits-cnn and shapes-seg compiled for vta-pynq, run over RPC
     on the emulated board through the tracker (``tvmedge run --rpc-tracker``), give the host
     int8 build's outputs bit for bit."""
@@ -353,8 +353,10 @@ def test_emulated_vta_board_runs_digits_and_shapes_bit_exact(tracker, digits_int
         run_cli("run", str(case["host"]), "--inputs", str(tmp_path / f"{name}-in.npz"), "--outputs",
                 str(tmp_path / f"{name}-host.npz"), "--repeat", "1", check=True)
         cases.append((name, art))
-    where = f"{tracker.addr[0]}:{tracker.addr[1]}"
-    with VtaBoard("vta-pynq", tracker.addr) as board:
+    from tvmedge.deploy.launch import start_tracker
+
+    with start_tracker(port=0, timeout=180) as tracker, VtaBoard("vta-pynq", tracker.addr, timeout=180) as board:
+        where = f"{tracker.addr[0]}:{tracker.addr[1]}"
         assert board.info()["host_part"] == "native"
         for name, art in cases:
             run_cli("run", str(art), "--rpc-tracker", where, "--rpc-key", "vta-pynq", "--inputs",

@@ -61,14 +61,15 @@ def choices(db: str | os.PathLike | None, accel_name: str) -> dict[str, dict[str
     return read_records(db).get(accel_name, {})
 
 
-def host_cpu_ms(layer: ConvLayer, accel: Any) -> float | None:
-    """Roofline estimate of the layer on the board's host CPU (ms), if the description has the figures."""
+def host_cpu_ms(macs: int, accel: Any) -> float | None:
+    """Roofline estimate of ``macs`` int8 multiply-accumulates on the board's host CPU (ms),
+    if the description has the figures."""
     cpu = accel.host_cpu
     try:
         per_s = float(cpu["cores"]) * float(cpu["clock_mhz"]) * 1e6 * float(cpu["int8_macs_per_cycle"])
     except (KeyError, TypeError, ValueError):
         return None
-    return layer.macs / per_s * 1e3
+    return macs / per_s * 1e3
 
 
 def _sample(cands: list[Tiling], n: int) -> list[Tiling]:
@@ -98,7 +99,7 @@ def tune_layers(layers: list[ConvLayer], accel: Any, db: str | os.PathLike, tria
             best_cycles, best = min(scored, key=lambda s: s[0])
             default_cycles = next(c for c, t in scored if t == default)
             acc_ms = best_cycles / (accel.clock_mhz * 1e3)
-            cpu_ms = host_cpu_ms(layer, accel)
+            cpu_ms = host_cpu_ms(layer.macs, accel)
             offload = cpu_ms is None or acc_ms <= cpu_ms
             key = workload_key(layer)
             recs[key] = {"tiling": best.to_dict(), "cycles": best_cycles, "default_cycles": default_cycles,
