@@ -226,7 +226,7 @@ def test_buffers_too_small_name_the_layer():
 def digits_int8(tmp_path_factory):
     d = tmp_path_factory.mktemp("vta")
     model = load_model(zoo.export("digits-cnn", d / "digits.onnx"))
-    calib = data_mod.load("digits", model, "calib", limit=32)
+    calib = data_mod.load("digits", model, "calib", limit=16)
     q, _ = quantize(model, calib, observer="minmax", progress=False)
     x = {"input": np.stack([s["input"][0] for s in calib.samples[:1]])}
     host = compile_model(q, resolve("host"), d / "host.tar")
@@ -290,7 +290,19 @@ def test_unfit_layers_stay_on_cpu_and_are_named(tmp_path):
                           run_artifact(tmp_path / "host.tar", x, repeat=1, warmup=0).outputs[0])
 
 
-def test_float_model_compiles_on_cpu_with_a_warning(tmp_path):
+def test_float_model_stays_on_cpu_with_a_warning(tmp_path):
+    from tvmedge.vta.offload import offload
+
+    heard = []
+    new, info = offload(_mixed(tmp_path), PYNQ, warn=heard.append)
+    assert info["offloaded"] == [] and len(info["on_cpu"]) == 4
+    assert all("not int8" in c["reason"] for c in info["on_cpu"])
+    assert heard == [info["warning"]] and "no layer of this model can run on vta-pynq" in heard[0]
+    assert "call_dps_packed" not in new.mod.script(show_meta=False)
+
+
+@pytest.mark.slow
+def test_float_model_compiles_on_cpu_with_a_warning_cli(tmp_path):
     _mixed(tmp_path)
     proc = run_cli("compile", str(tmp_path / "mixed.onnx"), "--target", "vta-pynq", "-o", str(tmp_path / "f.tar"),
                    in_process=True)
