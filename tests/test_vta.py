@@ -394,3 +394,16 @@ def test_tune_cli_for_vta(shapes_int8, tmp_path):
                    str(tmp_path / "s.tar"), in_process=True)
     assert proc.returncode == 0, proc.stderr
     assert "(tuned)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_vta_artifact_on_a_plain_rpc_server_is_refused(digits_int8, tmp_path):
+    from tvmedge.deploy.launch import start_server
+    from tvmedge.deploy.session import connect
+
+    art = tmp_path / "vta.tar"
+    compile_model(digits_int8["model"], resolve("vta-pynq"), art)
+    with start_server(None, "plain", timeout=180) as srv:
+        session = connect(host_port=srv.addr, key="plain", timeout=60)
+        with pytest.raises(TvmedgeError, match="no vta-pynq accelerator"):
+            run_artifact(art, digits_int8["x"], repeat=1, session=session)

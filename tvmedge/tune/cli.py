@@ -112,6 +112,9 @@ def _tune_vta(args: argparse.Namespace, model: Any, device: Any, console: Any) -
 
     from ..vta.tune import tune_model
 
+    if args.rpc_tracker:
+        console.print(f"note: {device.name}'s accelerator is measured with its timing model here; --rpc-tracker is "
+                      "not used by this command", markup=False)
     report = tune_model(model, device.accelerator, args.tuning_db, args.trials, progress=not args.json)
     if args.json:
         print(dumps(report))
