@@ -407,3 +407,42 @@ def test_vta_artifact_on_a_plain_rpc_server_is_refused(digits_int8, tmp_path):
         session = connect(host_port=srv.addr, key="plain", timeout=60)
         with pytest.raises(TvmedgeError, match="no vta-pynq accelerator"):
             run_artifact(art, digits_int8["x"], repeat=1, session=session)
+
+
+def test_partition_keeps_results_used_elsewhere_on_the_host():
+    """The float value between the int32 accumulators and the ReLU is also a model output: the
+    ReLU cannot move onto the accumulators, so only conv + bias go to the core."""
+    import tvm
+    from tvm import relax
+
+    from tvmedge.core.model import ImportedModel, TensorSpec
+    from tvmedge.vta import runtime
+    from tvmedge.vta.offload import offload
+
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 16, 6, 6], "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(rng.integers(-127, 128, (32, 16, 3, 3)).astype("int8")),
+                                           padding=[1, 1, 1, 1], out_dtype="int32"))
+            a = bb.emit(relax.op.add(c, relax.const(rng.integers(-100, 100, (1, 32, 1, 1)).astype("int32"))))
+            f = bb.emit(relax.op.astype(a, "float32"))
+            m = bb.emit(relax.op.multiply(f, relax.const(np.full((1, 32, 1, 1), 0.01, "float32"))))
+            r = bb.emit(relax.op.nn.relu(m))
+            o = bb.emit_output(relax.Tuple([r, f]))
+        bb.emit_func_output(o)
+    mod = bb.get()
+    new, info = offload(ImportedModel(mod, [TensorSpec("x", [1, 16, 6, 6], "uint8")], [], "relax", "t", "0"), PYNQ)
+    assert info["offloaded"] == ["conv2d_0"]
+    text = new.mod.script(show_meta=False)
+    assert "call_dps_packed" in text and "R.nn.relu" in text
+    runtime.register()
+    xv = rng.integers(0, 256, (1, 16, 6, 6)).astype("uint8")
+
+    def run(m):
+        vm = relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())
+        return [t.numpy() for t in vm["main"](tvm.runtime.tensor(xv))]
+
+    for got, want in zip(run(new.mod), run(mod)):
+        assert np.array_equal(got, want)
