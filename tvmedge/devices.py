@@ -162,8 +162,9 @@ class Accelerator:
     alu_cycles_imm: int
     alu_cycles_vector: int
     host_cpu: dict[str, Any]
-    host_part_runs: str  # "native": the host CPU part runs on this machine, not the board's CPU
+    host_part_runs: str  # "native": on this machine, not the board's CPU; "qemu-aarch64": emulated
     source: dict[str, Any]
+    host_emulator: dict[str, Any] | None = None  # {"qemu", "cpu", "arch"}: the emulated board runs its host part so
 
 
 _ACC_INTS = ("batch", "block_in", "block_out", "inp_buffer_bytes", "wgt_buffer_bytes", "acc_buffer_bytes",
@@ -191,7 +192,8 @@ def accelerator_of(desc: dict[str, Any]) -> Accelerator | None:
         return Accelerator(name=str(name), **ints, clock_mhz=float(acc["clock_mhz"]),
                            dram_bandwidth_gbs=float(acc["dram_bandwidth_gbs"]), alu_cycles_imm=int(alu["imm"]),
                            alu_cycles_vector=int(alu["vector"]), host_cpu=dict(acc.get("host_cpu", {})),
-                           host_part_runs=str(acc.get("host_part_runs", "native")), source=dict(acc.get("source", {})))
+                           host_part_runs=str(acc.get("host_part_runs", "native")), source=dict(acc.get("source", {})),
+                           host_emulator=dict(acc["host_emulator"]) if acc.get("host_emulator") else None)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TvmedgeError(f"device description '{name}': bad \"accelerator\" section ({type(e).__name__}: {e})") from None
 

@@ -20,7 +20,8 @@ loopback by default, ready once the tracker lists it) with a small wrapper as it
 
 from __future__ import annotations
 
-import argparse
+import os
+import shlex
 import shutil
 import signal
 import sys
@@ -35,9 +36,18 @@ from ..deploy.launch import Server, Tracker, start_server, start_tracker
 from ..deploy.tracker import tracker_summary
 from ..devices import accelerator
 
-NATIVE_NOTE = ("the accelerator is SIMULATED (tvmedge's functional simulator; latency figures come from its timing "
-               "model, not an FPGA); the host CPU part runs natively on this machine, not under qemu-arm: "
-               "no armv7 TVM runtime exists for the board's Cortex-A9")
+SIMULATED = ("the accelerator is SIMULATED (tvmedge's functional simulator; latency figures come from its timing "
+             "model, not an FPGA)")
+
+
+def note(accel: Any) -> str:
+    """What runs where on the emulated board, said plainly."""
+    emu = accel.host_emulator
+    cpu = accel.host_cpu.get("name", "CPU")
+    if emu is not None:
+        return f"{SIMULATED}; the host CPU part runs under {emu['qemu']} -cpu {emu['cpu']} (emulated {cpu}: slow)"
+    return (f"{SIMULATED}; the host CPU part runs natively on this machine, not under qemu: no "
+            f"{accel.host_cpu.get('arch', '')} TVM runtime exists for the board's {cpu}")
 
 
 class VtaBoard:
@@ -57,19 +67,51 @@ class VtaBoard:
 
     def start(self) -> "VtaBoard":
         self._workdir = Path(tempfile.mkdtemp(prefix=f"tvmedge-{self.kind}-"))
-        wrapper = self._workdir / "python3"
-        # start_server runs "<python> -m tvm.exec.rpc_server ARGS": run this module with the same ARGS.
-        wrapper.write_text(f"#!/bin/sh\n# tvmedge emulated {self.kind}: TVM's RPC server with the simulated accelerator\n"
-                           f"exec '{sys.executable}' -m tvmedge.vta.board \"$@\"\n")
-        wrapper.chmod(0o755)
         try:
-            self.server = start_server(self.tracker, self.key, host=self.host, port=self.port,
-                                       env={"TVMEDGE_EMULATED": self.kind}, python=str(wrapper), timeout=self.timeout)
+            python, env = self._python()
+            self.server = start_server(self.tracker, self.key, host=self.host, port=self.port, env=env,
+                                       python=str(python), timeout=self.timeout)
         except TvmedgeError as e:
             shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
         self.port = self.server.port
         return self
+
+    def _python(self) -> tuple[Path, dict[str, str | None]]:
+        """The wrapper start_server runs as "python", and the environment for it.
+
+        start_server runs ``<python> -m tvm.exec.rpc_server ARGS``; the wrapper runs
+        :mod:`tvmedge.vta.serve` with the same ARGS, natively or, for a board whose host CPU
+        this machine emulates, in the aarch64 Python under qemu-user."""
+        assert self._workdir is not None
+        launcher = self._workdir / "python3"
+        emu = self.accel.host_emulator
+        env: dict[str, str | None] = {"TVMEDGE_EMULATED": self.kind}
+        if emu is None:
+            launcher.write_text(f"#!/bin/sh\n# tvmedge emulated {self.kind}: TVM's RPC server with the simulated "
+                                f"accelerator\nexec {shlex.quote(sys.executable)} -m tvmedge.vta.serve \"$@\"\n")
+        else:
+            from ..deploy.sysroot import prepare_sysroot
+
+            sysroot = prepare_sysroot(emu["arch"])
+            # The emulated Python sees tvmedge (pure Python) through a folder holding only it.
+            pkg = self._workdir / "pkg"
+            pkg.mkdir()
+            (pkg / "tvmedge").symlink_to(Path(__file__).resolve().parents[1])
+            plain = self._workdir / "python3-emulated"  # TVM's popen workers re-enter qemu through it
+            plain.write_text(f"#!/bin/sh\nexec {shlex.join(sysroot.command(emu['cpu']))} \"$@\"\n")
+            plain.chmod(0o755)
+            launcher.write_text(f"#!/bin/sh\n# tvmedge emulated {self.kind}: host part under {emu['qemu']} "
+                                f"-cpu {emu['cpu']}, simulated accelerator\nexec {shlex.quote(str(plain))} "
+                                "-m tvmedge.vta.serve \"$@\"\n")
+            # The host's Python/loader settings mean nothing to the emulated Python: drop them.
+            env.update({k: None for k in os.environ
+                        if k.startswith(("PYTHON", "LD_")) or k in ("VIRTUAL_ENV", "CONDA_PREFIX")})
+            env.update(PYTHONPATH=f"{sysroot.site_packages}:{pkg}", PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1",
+                       TVMEDGE_EMU_EXECUTABLE=str(plain), TVMEDGE_EMULATED=self.kind)
+        launcher.chmod(0o755)
+        return launcher, env
 
     def stop(self) -> None:
         if self.server is not None:
@@ -87,8 +129,10 @@ class VtaBoard:
         return self.server.address if self.server else None
 
     def info(self) -> dict[str, Any]:
+        emu = self.accel.host_emulator
         return {"kind": self.kind, "key": self.key, "emulated": True, "simulated_accelerator": True,
-                "host_part": "native", "server": self.address, "note": NATIVE_NOTE}
+                "host_part": "native" if emu is None else f"{emu['qemu']} -cpu {emu['cpu']}", "server": self.address,
+                "note": note(self.accel)}
 
     def __enter__(self) -> "VtaBoard":
         return self.start()
@@ -121,7 +165,7 @@ def main(kind: str, tracker: HostPort | str | None = None, key: str | None = Non
             tracker_summary(tracker)
         say(f"starting emulated {kind}: {acc.block_in}x{acc.block_out} GEMM core at {acc.clock_mhz:g} MHz, "
             f"host {acc.host_cpu.get('name', '?')} ({acc.host_cpu.get('arch', '?')})")
-        say(f"note: {NATIVE_NOTE}")
+        say(f"note: {note(acc)}")
         board = VtaBoard(kind, tracker, key, host=host).start()
         where = format_host_port((public_host(tracker[0]), tracker[1]))
         say(f"ready: --rpc-tracker {where} --rpc-key {key}  (server {board.address}). Ctrl-C to stop.")
@@ -141,36 +185,3 @@ def main(kind: str, tracker: HostPort | str | None = None, key: str | None = Non
             own.stop()
         for sig, handler in old.items():
             signal.signal(sig, handler)
-
-
-def _serve(argv: list[str]) -> None:
-    """``tvm.exec.rpc_server``'s options, served with the accelerator's function registered."""
-    import logging
-
-    from tvm import rpc
-
-    from .runtime import register
-
-    if argv[:2] == ["-m", "tvm.exec.rpc_server"]:
-        argv = argv[2:]
-    p = argparse.ArgumentParser(prog="tvmedge.vta.board")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9090)
-    p.add_argument("--port-end", type=int, default=9199)
-    p.add_argument("--key", default="")
-    p.add_argument("--tracker")
-    p.add_argument("--load-library")
-    p.add_argument("--custom-addr")
-    args = p.parse_args(argv)
-    tracker = None
-    if args.tracker:
-        h, port = args.tracker.rsplit(":", 1)
-        tracker = (h, int(port))
-    logging.basicConfig(level=logging.INFO)
-    server = rpc.Server(args.host, args.port, args.port_end, key=args.key, tracker_addr=tracker,
-                        load_library=args.load_library, custom_addr=args.custom_addr, server_init_callback=register)
-    server.proc.join()
-
-
-if __name__ == "__main__":
-    _serve(sys.argv[1:])
