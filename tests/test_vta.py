@@ -41,7 +41,8 @@ def test_descriptions():
     assert (PYNQ.block_in, PYNQ.block_out, PYNQ.clock_mhz) == (16, 16, 100.0)
     assert (ULTRA.block_in, ULTRA.block_out) == (32, 32)
     assert PYNQ.host_cpu["arch"] == "armv7" and PYNQ.host_cpu["clock_mhz"] == 650
-    assert ULTRA.host_cpu["arch"] == "aarch64"
+    assert ULTRA.host_cpu["arch"] == "aarch64" and ULTRA.host_emulator["arch"] == "aarch64"
+    assert PYNQ.host_emulator is None  # no armv7 TVM runtime: the PYNQ's host part runs natively
     for acc in (PYNQ, ULTRA):
         for key in ("core_shape_dtypes_buffers", "clock_mhz", "host_cpu", "dram_bandwidth_gbs"):
             assert acc.source.get(key), (acc.name, key)
@@ -446,3 +447,23 @@ def test_partition_keeps_results_used_elsewhere_on_the_host():
 
     for got, want in zip(run(new.mod), run(mod)):
         assert np.array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_emulated_ultra96_runs_host_part_under_qemu_bit_exact(digits_int8, tmp_path):
+    """vta-ultra96's host CPU is aarch64: the artifact is cross-compiled for it and the emulated
+    board runs it (and the simulator) under qemu-aarch64; outputs equal the x86 host int8 build's."""
+    from tvmedge.deploy.launch import start_tracker
+    from tvmedge.deploy.session import connect
+    from tvmedge.vta.board import VtaBoard
+
+    art = tmp_path / "u96.tar"
+    meta = compile_model(digits_int8["model"], resolve("vta-ultra96"), art)
+    assert meta["target"]["mtriple"] == "aarch64-linux-gnu"
+    assert len(meta["vta"]["offloaded"]) == 5
+    ref = run_artifact(digits_int8["host"], digits_int8["x"], repeat=1, warmup=0)
+    with start_tracker(port=0, timeout=180) as tracker, VtaBoard("vta-ultra96", tracker.addr, timeout=300) as board:
+        assert "qemu-aarch64" in board.info()["host_part"]
+        session = connect(tracker=tracker.addr, key="vta-ultra96", timeout=120)
+        got = run_artifact(art, digits_int8["x"], repeat=1, warmup=0, session=session)
+    assert np.array_equal(got.outputs[0], ref.outputs[0])
