@@ -177,9 +177,11 @@ def offload(model: ImportedModel, accel: Any, records: dict[str, dict[str, Any]]
     offloaded = [r for r in layers_out if r["where"] != "cpu"]
     info = {
         "accelerator": accel.name, "simulated": True,
-        "note": "figures from tvmedge's timing model of a VTA-style core, not measured on an FPGA; the host CPU "
-                f"part runs on {'this machine (natively)' if accel.host_part_runs == 'native' else accel.host_part_runs}, "
-                f"not the board's {accel.host_cpu.get('name', 'CPU')}",
+        "note": "figures from tvmedge's timing model of a VTA-style core, not measured on an FPGA; " + (
+            f"the host CPU part runs on this machine (natively), not the board's {accel.host_cpu.get('name', 'CPU')}"
+            if accel.host_part_runs == "native" else
+            f"the host CPU part is built for the board's {accel.host_cpu.get('name', 'CPU')} and the emulated board "
+            f"runs it under {accel.host_part_runs}"),
         "hw": cfg.to_dict(), "clock_mhz": accel.clock_mhz, "layers": layers_out,
         "offloaded": [r["layer"] for r in offloaded],
         "on_cpu": [{"layer": r["layer"], "reason": r["reason"]} for r in layers_out if r["where"] == "cpu"],
