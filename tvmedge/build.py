@@ -113,6 +113,9 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
     if out.suffix != ".tar":
         raise TvmedgeError(f"artifact name must end in .tar: {out}")
     t0 = time.perf_counter()
+    vta = None
+    if device.accelerator is not None:
+        model, vta, tuning_db = _offload(model, device, tuning_db)
     skipped = None
     if isinstance(tuning_db, (str, os.PathLike)) and keep_faster:
         skipped = _slower_than_default(model, device, tuning_db)
@@ -137,8 +140,26 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         meta["library_sha256"] = file_sha256(lib)
         meta["schedules"] = schedules.to_dict()
         meta["tuning_db_skipped"] = skipped
+        if vta is not None:
+            meta["vta"] = vta
         write_artifact(out, lib, meta)
     return meta
+
+
+def _offload(model: ImportedModel, device: Device, tuning_db: Any) -> tuple[ImportedModel, dict[str, Any], Any]:
+    """Send the int8 layers a VTA target's core takes to it (:mod:`tvmedge.vta`), with the
+    tiling choices ``tvmedge tune`` recorded in ``tuning_db``; returns the model, the report
+    of where each layer went, and the database to build the host part with (None when it
+    holds only accelerator records)."""
+    from .tune.database import count_records
+    from .vta.offload import offload
+    from .vta.tune import choices
+
+    db = tuning_db if isinstance(tuning_db, (str, os.PathLike)) else None
+    model, info = offload(model, device.accelerator, choices(db, device.accelerator.name), warn=lambda m: None)
+    if db is not None and count_records(db) == 0:
+        tuning_db = None
+    return model, info, tuning_db
 
 
 def _slower_than_default(model: ImportedModel, device: Device, tuning_db: str | os.PathLike) -> str | None:

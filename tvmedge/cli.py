@@ -49,6 +49,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"[{meta['library_bytes'] / 1e6:.1f} MB; inputs {ins}{tuned}]")
         if meta["tuning_db_skipped"]:
             print(f"note: {meta['tuning_db_skipped']}")
+        if meta.get("vta"):
+            from .vta.report import print_offload
+
+            print_offload(meta["vta"])
         sch = meta["schedules"]
         line = f"kernels: {sch['tuned']} from tuning records, {sch['default_rule']} by default rules"
         if sch["unscheduled"]:

@@ -136,3 +136,82 @@ def emulation(kind: str) -> Emulation:
 def qemu_for(arch: str) -> str | None:
     """The qemu-user binary that runs the ``arch`` user space (as the emulated boards name it)."""
     return next((e.qemu for e in emulated().values() if e.arch == arch), None)
+
+
+# ---------------------------------------------------------------- accelerators
+@dataclass(frozen=True)
+class Accelerator:
+    """A VTA-style int8 accelerator (a description's ``"accelerator"``; see :mod:`tvmedge.vta`).
+
+    Buffers are in bytes as the description gives them; :mod:`tvmedge.vta.isa` turns them
+    into depths (vectors, matrices, micro-ops)."""
+
+    name: str  # the description's name, e.g. vta-pynq
+    batch: int
+    block_in: int
+    block_out: int
+    inp_buffer_bytes: int
+    wgt_buffer_bytes: int
+    acc_buffer_bytes: int
+    uop_buffer_bytes: int
+    uop_bytes: int
+    clock_mhz: float
+    dram_bandwidth_gbs: float
+    dma_setup_cycles: int
+    gemm_cycles_per_uop: int
+    alu_cycles_imm: int
+    alu_cycles_vector: int
+    host_cpu: dict[str, Any]
+    host_part_runs: str  # "native": on this machine, not the board's CPU; "qemu-aarch64": emulated
+    source: dict[str, Any]
+    host_emulator: dict[str, Any] | None = None  # {"qemu", "cpu", "arch"}: the emulated board runs its host part so
+
+
+_ACC_INTS = ("batch", "block_in", "block_out", "inp_buffer_bytes", "wgt_buffer_bytes", "acc_buffer_bytes",
+             "uop_buffer_bytes", "uop_bytes", "dma_setup_cycles", "gemm_cycles_per_uop")
+
+
+def accelerator_of(desc: dict[str, Any]) -> Accelerator | None:
+    """A description's accelerator, or None when the device has none."""
+    acc = desc.get("accelerator")
+    if acc is None:
+        return None
+    name = desc.get("name")
+    try:
+        if acc.get("kind") != "vta":
+            raise TvmedgeError(f"device description '{name}': unknown accelerator kind {acc.get('kind')!r} (only 'vta')")
+        for key in ("inp_dtype", "wgt_dtype", "acc_dtype"):
+            want = "int32" if key == "acc_dtype" else "int8"
+            if acc.get(key, want) != want:
+                raise TvmedgeError(f"device description '{name}': accelerator {key} must be {want}, got {acc[key]!r}")
+        ints = {k: int(acc[k]) for k in _ACC_INTS}
+        bad = [k for k, v in ints.items() if v <= 0]
+        if bad:
+            raise TvmedgeError(f"device description '{name}': accelerator {', '.join(bad)} must be positive")
+        alu = acc.get("alu_cycles_per_uop", {"imm": 1, "vector": 2})
+        return Accelerator(name=str(name), **ints, clock_mhz=float(acc["clock_mhz"]),
+                           dram_bandwidth_gbs=float(acc["dram_bandwidth_gbs"]), alu_cycles_imm=int(alu["imm"]),
+                           alu_cycles_vector=int(alu["vector"]), host_cpu=dict(acc.get("host_cpu", {})),
+                           host_part_runs=str(acc.get("host_part_runs", "native")), source=dict(acc.get("source", {})),
+                           host_emulator=dict(acc["host_emulator"]) if acc.get("host_emulator") else None)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TvmedgeError(f"device description '{name}': bad \"accelerator\" section ({type(e).__name__}: {e})") from None
+
+
+def accelerators() -> dict[str, Accelerator]:
+    """The devices with an accelerator, by name (sorted)."""
+    out = {}
+    for desc in descriptions().values():
+        acc = accelerator_of(desc)
+        if acc is not None:
+            out[acc.name] = acc
+    return out
+
+
+def accelerator(name: str) -> Accelerator:
+    """Device ``name``'s accelerator; TvmedgeError naming the devices that have one."""
+    path = description_path(name)
+    acc = accelerator_of(read_description(path)) if path is not None else None
+    if acc is None:
+        raise TvmedgeError(f"device '{name}' has no accelerator (devices with one: {', '.join(accelerators())})")
+    return acc

@@ -109,6 +109,10 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         kind = meta["device"]["kind"]
         if session is None:
             _check_runs_here(meta)
+            if meta.get("vta"):  # offloaded layers call the accelerator's driver function (simulated)
+                from .vta.runtime import register
+
+                register()
             # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
             # x86, to skip hyper-threads even where there are none): set it before first use.
             os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
@@ -122,6 +126,8 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
             # library for a path it has seen, so a second artifact in one session would
             # silently run the first one's code.
             remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
+            if meta.get("vta"):
+                _check_vta_device(session, meta)
             session.upload(str(lib_path), target=remote_name)
             lib = session.load_module(remote_name)
             dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
@@ -143,6 +149,18 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         lat = vm.time_ms(inputs, repeat, warmup)
         used = int(num_threads())
     return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
+
+
+def _check_vta_device(session, meta: dict[str, Any]) -> None:
+    """A VTA artifact needs the accelerator's driver function on the device: refuse early, in one line."""
+    from .vta.runtime import FUNC_NAME
+
+    try:
+        session.get_function(FUNC_NAME)
+    except Exception:
+        name = meta["vta"].get("accelerator", "vta")
+        raise TvmedgeError(f"the device behind this RPC session has no {name} accelerator ({FUNC_NAME} missing): "
+                           f"serve it with 'tvmedge device emulate {name}'") from None
 
 
 def target_cores(target: dict[str, Any]) -> int | None:

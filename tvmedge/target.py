@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devices import (cross_arch, cross_compiler_for, debian_package, description_path, device_names,
-                      emulation_of, read_description)
+from .devices import (accelerator_of, cross_arch, cross_compiler_for, debian_package, description_path,
+                      device_names, emulation_of, read_description)
 from .core.errors import TvmedgeError, first_line
 
 
@@ -33,6 +33,7 @@ class Device:
     emulator: str | None = None  # the qemu-user binary that emulates it, if tvmedge can
     report: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    accelerator: Any = None  # tvmedge.devices.Accelerator for a VTA target (tvmedge.vta), else None
 
     @property
     def target_json(self) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def load_description(path: Path) -> Device:
     return Device(name=desc["name"], target=target, cross_compiler=desc.get("cross_compiler"),
                   rpc_key=desc.get("rpc_key"), device=desc.get("device", "cpu"),
                   emulator=emu.qemu if emu else None, report=report,
-                  description=desc.get("description", ""))
+                  description=desc.get("description", ""), accelerator=accelerator_of(desc))
 
 
 def resolve(spec: str | None) -> Device:

@@ -8,7 +8,7 @@ import secrets
 import sys
 import time
 
-from ..devices import emulated
+from ..devices import accelerators, emulated
 from ..core.errors import TvmedgeError
 from .address import parse_host_port, public_host
 from .emulate import main as emulate_main
@@ -126,6 +126,10 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     _line_buffered()
     if args.tracker:
         wait_for_tracker(parse_host_port(args.tracker), args.wait_tracker, log=print)
+    if args.kind in accelerators():  # a VTA board: RPC server + simulated accelerator (tvmedge.vta.board)
+        from ..vta.board import main as vta_main
+
+        return int(vta_main(args.kind, tracker=args.tracker, key=args.key) or 0)
     return int(emulate_main(kind=args.kind, tracker=args.tracker, key=args.key) or 0)
 
 
@@ -157,7 +161,7 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_list)
 
     p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
-    p.add_argument("kind", choices=sorted(emulated()))
+    p.add_argument("kind", choices=sorted(emulated()) + sorted(accelerators()))
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",

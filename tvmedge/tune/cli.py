@@ -25,6 +25,8 @@ def run_tune(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
+    if device.accelerator is not None:  # a VTA target: the timing model measures (tvmedge.vta.tune)
+        return _tune_vta(args, model, device, console)
     with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
                      log=lambda m: console.print(m, markup=False)) as pool:
         report = tune_model(model, device, args.tuning_db, TuneOptions(args.trials, resume=args.resume), pool,
@@ -103,6 +105,33 @@ def _onnxruntime_here(model_path: str, model, device, outputs, report) -> dict[s
 
     inputs = random_inputs([i.to_dict() for i in model.inputs])
     return summarize(onnxruntime_latency(model_path, inputs, os.cpu_count() or 1, repeat=20))
+
+
+def _tune_vta(args: argparse.Namespace, model: Any, device: Any, console: Any) -> int:
+    from rich.table import Table
+
+    from ..vta.tune import tune_model
+
+    if args.rpc_tracker:
+        console.print(f"note: {device.name}'s accelerator is measured with its timing model here; --rpc-tracker is "
+                      "not used by this command", markup=False)
+    report = tune_model(model, device.accelerator, args.tuning_db, args.trials, progress=not args.json)
+    if args.json:
+        print(dumps(report))
+        return 0
+    table = Table(title=f"{report['accelerator']} layers, SIMULATED (measured with the timing model)")
+    for col in ("layer", "trials", "default cycles", "best cycles", "speedup", "tile", "offload"):
+        table.add_column(col, justify="left" if col in ("layer", "tile") else "right")
+    for r in report["layers"]:
+        t = r["tiling"]
+        cpu = r["host_cpu_ms_estimate"]
+        table.add_row(r["layer"], str(r["trials"]), str(r["default_cycles"]), str(r["best_cycles"]),
+                      f"{r['speedup']:.2f}x", f"{t['tile_h']}x{t['tile_w']}x{t['tile_co']}blk{' db' if t['double_buffer'] else ''}",
+                      ("yes" if r["offload"] else "no") + (f" (cpu est. {cpu:.3f} ms)" if cpu is not None else ""))
+    console.print(table)
+    console.print(f"records: {report['records']} (compile with --tuning-db {args.tuning_db} to apply them); "
+                  "the host CPU part is not tuned by this command", markup=False)
+    return 0
 
 
 def register_cli(sub) -> None:

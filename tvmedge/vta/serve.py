@@ -1,0 +1,46 @@
+"""The emulated VTA board's RPC server process: TVM's RPC server (``tvm.rpc.Server``) with
+the accelerator's driver function registered in every session (``server_init_callback``).
+
+Takes ``tvm.exec.rpc_server``'s options, so :func:`tvmedge.deploy.launch.start_server` can
+run it through a wrapper given as its "python" (:mod:`tvmedge.vta.board`). It imports only
+TVM's runtime, numpy and the simulator, so it also runs in the aarch64 Python under
+qemu-user with the runtime-only TVM library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def serve(argv: list[str]) -> None:
+    """``tvm.exec.rpc_server``'s options, served with the accelerator's function registered."""
+    import logging
+
+    from tvm import rpc
+
+    from .runtime import register
+
+    if argv[:2] == ["-m", "tvm.exec.rpc_server"]:
+        argv = argv[2:]
+    p = argparse.ArgumentParser(prog="tvmedge.vta.serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--port-end", type=int, default=9199)
+    p.add_argument("--key", default="")
+    p.add_argument("--tracker")
+    p.add_argument("--load-library")
+    p.add_argument("--custom-addr")
+    args = p.parse_args(argv)
+    tracker = None
+    if args.tracker:
+        h, port = args.tracker.rsplit(":", 1)
+        tracker = (h, int(port))
+    logging.basicConfig(level=logging.INFO)
+    server = rpc.Server(args.host, args.port, args.port_end, key=args.key, tracker_addr=tracker,
+                        load_library=args.load_library, custom_addr=args.custom_addr, server_init_callback=register)
+    server.proc.join()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])
