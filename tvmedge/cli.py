@@ -80,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         _, meta = read_artifact(args.artifact, tmp)
     inputs = load_inputs(args.inputs, meta["inputs"], warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+    if args.pool:
+        return _run_pool(args, inputs)
     session = _session(args)
     res = run_artifact(args.artifact, inputs, repeat=args.repeat, threads=args.threads, session=session)
     if args.rpc_tracker or args.rpc_host:
@@ -97,6 +99,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in info["outputs"]:
         print(f"  {o['name']}: {o['dtype']}{o['shape']} mean {o['mean']:.4g} min {o['min']:.4g} max {o['max']:.4g}")
     return 0
+
+
+def _pool_target(args: argparse.Namespace):
+    """``--pool KEYS`` with ``--rpc-tracker``: (tracker, keys)."""
+    from .deploy.pool import parse_keys
+
+    if not args.rpc_tracker:
+        raise TvmedgeError("--pool needs --rpc-tracker HOST:PORT (the tracker the pool's servers registered with)")
+    if args.rpc_key or args.rpc_host:
+        raise TvmedgeError("give either --pool KEYS or --rpc-key/--rpc-host, not both")
+    return parse_host_port(args.rpc_tracker), parse_keys(args.pool)
+
+
+def _run_pool(args: argparse.Namespace, inputs) -> int:
+    from .deploy.pool import run_over_pool
+    from .run import save_outputs, RunResult
+
+    tracker, keys = _pool_target(args)
+    outputs, stats = run_over_pool(args.artifact, inputs, tracker, keys, args.repeat, inflight=args.inflight,
+                                   strategy=args.pool_strategy, threads=args.threads, timeout=args.rpc_timeout)
+    if args.outputs:
+        import tempfile
+        from .core.artifact import read_artifact
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _, meta = read_artifact(args.artifact, tmp)
+        save_outputs(args.outputs, RunResult(outputs, [], meta, "pool", 0))
+    if args.json:
+        print(dumps({"pool": stats}))
+        return 0
+    print(f"{os.path.basename(args.artifact)} over pool {','.join(keys)} ({len(stats['devices'])} devices, "
+          f"{stats['strategy']}, {stats['inflight']} in flight each): {stats['frames']} frames in "
+          f"{stats['wall_s']:.2f} s = {stats['fps']:.1f} FPS; frames sent again: {stats['resent_frames']}")
+    for d in stats["devices"]:
+        state = "ok" if d["alive"] else f"LOST ({d['error']})"
+        mean = f"{d['mean_ms']:.2f} ms/frame" if d["mean_ms"] is not None else "-"
+        print(f"  {d['name']}: {d['frames']} frames ({100 * d['share']:.0f} %), {mean}, {state}")
+    return 0
+
+
+def _add_pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", metavar="KEY[,KEY...]",
+                   help="spread frames over every server registered under these keys at --rpc-tracker")
+    p.add_argument("--pool-strategy", choices=("least-loaded", "throughput"), default="least-loaded",
+                   help="pool scheduling: fewest frames in flight, or measured throughput (default least-loaded)")
+    p.add_argument("--inflight", type=int, default=2, help="frames in flight per pool device (default 2)")
 
 
 # ---------------------------------------------------------------- zoo
@@ -163,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: random, seeded)")
     p.add_argument("--outputs", metavar="OUT.npz", help="write outputs here, in output order")
-    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20; with --pool: frames sent)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_rpc_args(p)
+    _add_pool_args(p)
     p.set_defaults(func=cmd_run)
 
     zp = sub.add_parser("zoo", help="reference models").add_subparsers(dest="zoo_command", required=True)

@@ -101,48 +101,65 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
                  repeat: int = 20, threads: int | None = None, session=None,
                  warmup: int = 2) -> RunResult:
     """Load ``artifact`` (locally, or on the device behind ``session``) and time ``main``."""
-    import tvm
-
     with tempfile.TemporaryDirectory(prefix="tvmedge-run-") as tmp:
         lib_path, meta = read_artifact(artifact, tmp)
         inputs = inputs if inputs is not None else random_inputs(meta["inputs"])
-        kind = meta["device"]["kind"]
-        if session is None:
-            _check_runs_here(meta)
-            # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
-            # x86, to skip hyper-threads even where there are none): set it before first use.
-            os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
-            lib = tvm.runtime.load_module(str(lib_path))
-            dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
-            config = tvm.get_global_func("runtime.config_threadpool")
-            num_threads = tvm.get_global_func("runtime.NumThreads")
-            where = "local"
-        else:
-            # A fresh name per upload: the device's dlopen hands back an already loaded
-            # library for a path it has seen, so a second artifact in one session would
-            # silently run the first one's code.
-            remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
-            session.upload(str(lib_path), target=remote_name)
-            lib = session.load_module(remote_name)
-            dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
-            config = session.get_function("runtime.config_threadpool")
-            num_threads = session.get_function("runtime.NumThreads")
-            where = "rpc"
-        if not threads:
-            # "All cores" by default: on x86 TVM would otherwise halve the count to skip
-            # hyper-threads, even where there are none. On a device: the description's core
-            # count, else the target's num-cores (tuning records carry no thread count).
-            cores = meta["device"].get("report", {}).get("cores")
-            if not isinstance(cores, int):
-                cores = target_cores(meta["target"])
-            threads = (os.cpu_count() or 1) if session is None else (cores or 0)
-        if threads:
-            config(1, int(threads))
-        vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
-        outputs = vm(inputs)
-        lat = vm.time_ms(inputs, repeat, warmup)
-        used = int(num_threads())
-    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
+        loaded = load_model_vm(lib_path, meta, session=session, threads=threads)
+        outputs = loaded.vm(inputs)
+        lat = loaded.vm.time_ms(inputs, repeat, warmup)
+    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=loaded.where, threads=loaded.threads)
+
+
+@dataclass
+class LoadedModel:
+    """An artifact's library loaded here or on a device: its VM, where, with how many threads."""
+
+    vm: ModelVM
+    where: str  # "local" or "rpc"
+    threads: int
+
+
+def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=None,
+                  threads: int | None = None) -> LoadedModel:
+    """Load an unpacked artifact's library (``read_artifact``) here, or upload and load it on
+    the device behind ``session``, and size the runtime's thread pool."""
+    import tvm
+
+    lib_path = Path(lib_path)
+    kind = meta["device"]["kind"]
+    if session is None:
+        _check_runs_here(meta)
+        # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
+        # x86, to skip hyper-threads even where there are none): set it before first use.
+        os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
+        lib = tvm.runtime.load_module(str(lib_path))
+        dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        config = tvm.get_global_func("runtime.config_threadpool")
+        num_threads = tvm.get_global_func("runtime.NumThreads")
+        where = "local"
+    else:
+        # A fresh name per upload: the device's dlopen hands back an already loaded
+        # library for a path it has seen, so a second artifact in one session would
+        # silently run the first one's code.
+        remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
+        session.upload(str(lib_path), target=remote_name)
+        lib = session.load_module(remote_name)
+        dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
+        config = session.get_function("runtime.config_threadpool")
+        num_threads = session.get_function("runtime.NumThreads")
+        where = "rpc"
+    if not threads:
+        # "All cores" by default: on x86 TVM would otherwise halve the count to skip
+        # hyper-threads, even where there are none. On a device: the description's core
+        # count, else the target's num-cores (tuning records carry no thread count).
+        cores = meta["device"].get("report", {}).get("cores")
+        if not isinstance(cores, int):
+            cores = target_cores(meta["target"])
+        threads = (os.cpu_count() or 1) if session is None else (cores or 0)
+    if threads:
+        config(1, int(threads))
+    vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
+    return LoadedModel(vm=vm, where=where, threads=int(num_threads()))
 
 
 def target_cores(target: dict[str, Any]) -> int | None:

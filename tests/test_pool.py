@@ -1,0 +1,106 @@
+"""Inference load-balanced over a pool of real TVM RPC servers behind a real tracker:
+in-order results, shares, a server killed mid-stream (its frames re-sent, none lost or
+duplicated), an empty pool, every device lost, and ``tvmedge run --pool``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tvmedge.core.errors import TvmedgeError
+from tvmedge.deploy.launch import start_server
+from tvmedge.deploy.pool import PoolExhausted, open_pool
+
+from conftest import run_cli
+
+KEY = f"pool-test-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def frames():
+    from tvmedge.zoo.shapes import dataset
+
+    x, _ = dataset("eval", 24)
+    return [{"input": x[i % len(x)][None]} for i in range(90)]
+
+
+@pytest.fixture(scope="module")
+def reference(shapes_seg_tar, frames):
+    with open_pool(shapes_seg_tar, threads=1) as local:
+        return [o[0] for o in local.map(frames)]
+
+
+def _servers(tracker, key, n):
+    return [start_server(tracker.addr, key, env={"TVM_NUM_THREADS": "1"}) for _ in range(n)]
+
+
+def test_pool_in_order_and_survives_a_killed_server(tracker, shapes_seg_tar, frames, reference):
+    servers = _servers(tracker, KEY, 2)
+    try:
+        with open_pool(shapes_seg_tar, tracker.addr, [KEY], inflight=3, threads=1) as pool:
+            assert len(pool.devices) == 2
+            victim = pool.devices[0].name.split("@")[1]
+            got = []
+            for i, outs in enumerate(pool.map(frames)):
+                got.append(outs[0])
+                if i == 20:  # mid-stream: kill the server (its whole process group) behind device 0
+                    next(s for s in servers if s.address == victim).stop()
+            st = pool.stats()
+    finally:
+        for s in servers:
+            s.stop()
+    # every frame exactly once, in order, with the right result
+    assert len(got) == len(frames) == st["frames"]
+    for a, b in zip(got, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert st["duplicate_results"] == 0
+    lost = [d for d in st["devices"] if not d["alive"]]
+    assert len(lost) == 1 and lost[0]["name"].endswith(victim) and lost[0]["error"]
+    assert st["resent_frames"] == lost[0]["resent_frames"]
+    assert sum(d["frames"] for d in st["devices"]) == len(frames)
+    assert all(d["frames"] > 0 for d in st["devices"])  # both served before the loss
+    assert st["fps"] > 0
+
+
+def test_all_devices_lost_is_an_error_after_the_delivered_frames(tracker, shapes_seg_tar, frames):
+    key = KEY + "-one"
+    (server,) = _servers(tracker, key, 1)
+    delivered = 0
+    try:
+        with open_pool(shapes_seg_tar, tracker.addr, [key], threads=1) as pool:
+            with pytest.raises(PoolExhausted, match="all devices of the pool were lost") as err:
+                for i, _ in enumerate(pool.map(frames)):
+                    delivered += 1
+                    if i == 5:
+                        server.stop()
+    finally:
+        server.stop()
+    assert err.value.delivered == delivered >= 6
+
+
+def test_empty_pool_is_one_clear_error(tracker, shapes_seg_tar):
+    with pytest.raises(TvmedgeError, match="pool is empty: no server under nobody-here"):
+        open_pool(shapes_seg_tar, tracker.addr, ["nobody-here"])
+
+
+def test_run_pool_cli_mixed_keys(tracker, shapes_seg_tar, tmp_path):
+    a, b = KEY + "-a", KEY + "-b"
+    servers = _servers(tracker, a, 1) + _servers(tracker, b, 1)
+    try:
+        proc = run_cli("run", str(shapes_seg_tar), "--rpc-tracker", tracker.address, "--pool", f"{a},{b}",
+                       "--pool-strategy", "throughput", "--repeat", "40", "--threads", "1", "--json",
+                       "--outputs", str(tmp_path / "o.npz"), in_process=True)
+        assert proc.returncode == 0, proc.stderr
+        st = json.loads(proc.stdout)["pool"]
+        assert st["frames"] == 40 and st["outputs_identical"] and st["strategy"] == "throughput"
+        assert {d["key"] for d in st["devices"]} == {a, b}
+        assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9
+        assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
+        bad = run_cli("run", str(shapes_seg_tar), "--pool", a, in_process=True)
+        assert bad.returncode == 1 and "--pool needs --rpc-tracker" in bad.stderr
+    finally:
+        for s in servers:
+            s.stop()
