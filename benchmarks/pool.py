@@ -37,29 +37,30 @@ def pinned_python(workdir: Path, core: int) -> str:
     return str(path)
 
 
-def measure(artifact: Path, n_servers: int, frames: list, inflight: int, strategy: str, workdir: Path) -> dict:
-    from tvmedge.deploy.launch import start_server, start_tracker
+def measure(artifact: Path, tracker, key: str, n_servers: int, frames: list, inflight: int, strategy: str,
+            workdir: Path) -> dict:
+    from tvmedge.deploy.launch import start_server
     from tvmedge.deploy.pool import open_pool
 
     cores = os.cpu_count() or 1
-    key = f"bench-pool-{os.getpid()}"
-    with start_tracker(port=0) as tr:
-        servers = [start_server(tr.addr, key, env={"TVM_NUM_THREADS": "1"},
-                                python=pinned_python(workdir, i % cores)) for i in range(n_servers)]
-        try:
-            with open_pool(artifact, tr.addr, [key], inflight=inflight, strategy=strategy, threads=1) as pool:
-                for _ in pool.map(frames[:8]):  # warm up each device's session
-                    pass
-                pool.wall_s = 0.0
-                pool.delivered = 0
-                for d in pool.devices:
-                    d.frames, d.busy_s = 0, 0.0
-                for _ in pool.map(frames):
-                    pass
-                return pool.stats()
-        finally:
-            for s in servers:
-                s.stop()
+    servers = []
+    try:
+        for i in range(n_servers):
+            servers.append(start_server(tracker.addr, key, env={"TVM_NUM_THREADS": "1"},
+                                        python=pinned_python(workdir, i % cores), timeout=180))
+        with open_pool(artifact, tracker.addr, [key], inflight=inflight, strategy=strategy, threads=1) as pool:
+            for _ in pool.map(frames[:8]):  # warm up each device's session
+                pass
+            pool.wall_s = 0.0
+            pool.delivered = 0
+            for d in pool.devices:
+                d.frames, d.busy_s = 0, 0.0
+            for _ in pool.map(frames):
+                pass
+            return pool.stats()
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def main() -> int:
@@ -77,6 +78,7 @@ def main() -> int:
 
     from tvmedge import zoo
     from tvmedge.build import compile_model
+    from tvmedge.deploy.launch import start_tracker
     from tvmedge.frontend import load_model
     from tvmedge.target import resolve
 
@@ -91,11 +93,13 @@ def main() -> int:
         x, _ = dataset("eval", 64)
         frames = [{"input": x[i % len(x)][None]} for i in range(args.frames)]
         runs: dict[int, list[dict]] = {n: [] for n in counts}
-        for r in range(args.rounds):
-            for n in counts:
-                st = measure(art, n, frames, args.inflight, args.strategy, workdir)
-                runs[n].append(st)
-                print(f"round {r + 1}: {n} server(s): {st['fps']:.1f} FPS", flush=True)
+        with start_tracker(port=0, timeout=120) as tracker:
+            for r in range(args.rounds):
+                for n in counts:
+                    key = f"bench-pool-{os.getpid()}-{r}-{n}"
+                    st = measure(art, tracker, key, n, frames, args.inflight, args.strategy, workdir)
+                    runs[n].append(st)
+                    print(f"round {r + 1}: {n} server(s): {st['fps']:.1f} FPS", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -107,9 +111,10 @@ def main() -> int:
                      "mean_ms_per_frame": [d["mean_ms"] for d in best["devices"]]})
     base = rows[0]["fps"]
     cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
     print(f"\nshapes-seg (1x3x64x64) over a pool of local RPC servers, 1 thread each, pinned with taskset; "
           f"{args.frames} frames, {args.inflight} in flight per server, {args.strategy}; {cores} cores, "
-          f"machine shared with other work")
+          f"load average {load:.1f} at the end (other work shares this machine)")
     print(f"{'servers':>8} {'FPS (median)':>13} {'rounds':>24} {'speed-up':>9}  shares")
     for row in rows:
         row["speedup_vs_first"] = row["fps"] / base
@@ -120,7 +125,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "pool", "model": "shapes-seg", "frames": args.frames,
                                "inflight": args.inflight, "strategy": args.strategy, "cores": cores,
-                               "cpu": platform.processor() or platform.machine(),
+                               "cpu": platform.processor() or platform.machine(), "load_average_end": load,
                                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -16,7 +16,7 @@ from tvmedge.deploy.pool import PoolExhausted, open_pool
 
 from conftest import run_cli
 
-KEY = f"pool-test-{os.getpid()}"
+KEY_A, KEY_B = f"pool-a-{os.getpid()}", f"pool-b-{os.getpid()}"
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +33,40 @@ def reference(shapes_seg_tar, frames):
         return [o[0] for o in local.map(frames)]
 
 
-def _servers(tracker, key, n):
-    return [start_server(tracker.addr, key, env={"TVM_NUM_THREADS": "1"}) for _ in range(n)]
+@pytest.fixture(scope="module")
+def servers(tracker):
+    """Two real servers, one under each of two keys (a mixed pool). The tests below run in
+    file order and use them up: the last two kill them."""
+    started = [start_server(tracker.addr, k, env={"TVM_NUM_THREADS": "1"}) for k in (KEY_A, KEY_B)]
+    yield started
+    for s in started:
+        s.stop()
 
 
-def test_pool_in_order_and_survives_a_killed_server(tracker, shapes_seg_tar, frames, reference):
-    servers = _servers(tracker, KEY, 2)
-    try:
-        with open_pool(shapes_seg_tar, tracker.addr, [KEY], inflight=3, threads=1) as pool:
-            assert len(pool.devices) == 2
-            victim = pool.devices[0].name.split("@")[1]
-            got = []
-            for i, outs in enumerate(pool.map(frames)):
-                got.append(outs[0])
-                if i == 20:  # mid-stream: kill the server (its whole process group) behind device 0
-                    next(s for s in servers if s.address == victim).stop()
-            st = pool.stats()
-    finally:
-        for s in servers:
-            s.stop()
+def test_run_pool_cli_mixed_keys(tracker, servers, shapes_seg_tar, tmp_path):
+    proc = run_cli("run", str(shapes_seg_tar), "--rpc-tracker", tracker.address, "--pool", f"{KEY_A},{KEY_B}",
+                   "--pool-strategy", "throughput", "--repeat", "30", "--threads", "1", "--json",
+                   "--outputs", str(tmp_path / "o.npz"), in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)["pool"]
+    assert st["frames"] == 30 and st["outputs_identical"] and st["strategy"] == "throughput"
+    assert {d["key"] for d in st["devices"]} == {KEY_A, KEY_B}
+    assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9
+    assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
+    bad = run_cli("run", str(shapes_seg_tar), "--pool", KEY_A, in_process=True)
+    assert bad.returncode == 1 and "--pool needs --rpc-tracker" in bad.stderr
+
+
+def test_pool_in_order_and_survives_a_killed_server(tracker, servers, shapes_seg_tar, frames, reference):
+    with open_pool(shapes_seg_tar, tracker.addr, [KEY_A, KEY_B], inflight=3, threads=1) as pool:
+        assert len(pool.devices) == 2
+        victim = pool.devices[0].name.split("@")[1]
+        got = []
+        for i, outs in enumerate(pool.map(frames)):
+            got.append(outs[0])
+            if i == 20:  # mid-stream: kill the server (its whole process group) behind device 0
+                next(s for s in servers if s.address == victim).stop()
+        st = pool.stats()
     # every frame exactly once, in order, with the right result
     assert len(got) == len(frames) == st["frames"]
     for a, b in zip(got, reference):
@@ -65,42 +80,18 @@ def test_pool_in_order_and_survives_a_killed_server(tracker, shapes_seg_tar, fra
     assert st["fps"] > 0
 
 
-def test_all_devices_lost_is_an_error_after_the_delivered_frames(tracker, shapes_seg_tar, frames):
-    key = KEY + "-one"
-    (server,) = _servers(tracker, key, 1)
+def test_all_devices_lost_is_an_error_after_the_delivered_frames(tracker, servers, shapes_seg_tar, frames):
+    (survivor,) = [s for s in servers if s.alive()]
     delivered = 0
-    try:
-        with open_pool(shapes_seg_tar, tracker.addr, [key], threads=1) as pool:
-            with pytest.raises(PoolExhausted, match="all devices of the pool were lost") as err:
-                for i, _ in enumerate(pool.map(frames)):
-                    delivered += 1
-                    if i == 5:
-                        server.stop()
-    finally:
-        server.stop()
+    with open_pool(shapes_seg_tar, tracker.addr, [survivor.key], threads=1) as pool:
+        with pytest.raises(PoolExhausted, match="all devices of the pool were lost") as err:
+            for i, _ in enumerate(pool.map(frames)):
+                delivered += 1
+                if i == 5:
+                    survivor.stop()
     assert err.value.delivered == delivered >= 6
 
 
 def test_empty_pool_is_one_clear_error(tracker, shapes_seg_tar):
     with pytest.raises(TvmedgeError, match="pool is empty: no server under nobody-here"):
         open_pool(shapes_seg_tar, tracker.addr, ["nobody-here"])
-
-
-def test_run_pool_cli_mixed_keys(tracker, shapes_seg_tar, tmp_path):
-    a, b = KEY + "-a", KEY + "-b"
-    servers = _servers(tracker, a, 1) + _servers(tracker, b, 1)
-    try:
-        proc = run_cli("run", str(shapes_seg_tar), "--rpc-tracker", tracker.address, "--pool", f"{a},{b}",
-                       "--pool-strategy", "throughput", "--repeat", "40", "--threads", "1", "--json",
-                       "--outputs", str(tmp_path / "o.npz"), in_process=True)
-        assert proc.returncode == 0, proc.stderr
-        st = json.loads(proc.stdout)["pool"]
-        assert st["frames"] == 40 and st["outputs_identical"] and st["strategy"] == "throughput"
-        assert {d["key"] for d in st["devices"]} == {a, b}
-        assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9
-        assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
-        bad = run_cli("run", str(shapes_seg_tar), "--pool", a, in_process=True)
-        assert bad.returncode == 1 and "--pool needs --rpc-tracker" in bad.stderr
-    finally:
-        for s in servers:
-            s.stop()
