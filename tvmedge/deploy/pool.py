@@ -251,15 +251,19 @@ def parse_keys(text: str) -> list[str]:
 
 
 def open_pool(artifact: str | Path, tracker: HostPort | str | None = None, keys: Sequence[str] = (),
-              *, inflight: int = 2, strategy: str = "least-loaded", threads: int | None = None,
-              timeout: float = 60.0, log=None) -> FramePool:
-    """A :class:`FramePool` over every free server under ``keys`` at ``tracker`` (or, without
-    a tracker, this machine alone), with ``artifact`` loaded on each."""
+              *, session: Any = None, session_name: str = "rpc", inflight: int = 2, strategy: str = "least-loaded",
+              threads: int | None = None, timeout: float = 60.0, log=None) -> FramePool:
+    """A :class:`FramePool` over every free server under ``keys`` at ``tracker``; or over the
+    one device behind an open RPC ``session``; or, with neither, this machine alone; with
+    ``artifact`` loaded on each device."""
     workdir = tempfile.mkdtemp(prefix="tvmedge-pool-")
     devices: list[PoolDevice] = []
     try:
         lib_path, meta = read_artifact(artifact, workdir)
-        if tracker is None:
+        if session is not None:
+            devices.append(PoolDevice(session_name, session_name,
+                                      load_model_vm(lib_path, meta, session=session, threads=threads), session=session))
+        elif tracker is None:
             devices.append(PoolDevice("local", "local", load_model_vm(lib_path, meta, threads=threads)))
         else:
             tracker = as_host_port(tracker)
