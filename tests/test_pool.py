@@ -48,7 +48,10 @@ def test_run_pool_cli_mixed_keys(tracker, servers, shapes_seg_tar, tmp_path):
                    "--pool-strategy", "throughput", "--repeat", "30", "--threads", "1", "--json",
                    "--outputs", str(tmp_path / "o.npz"), in_process=True)
     assert proc.returncode == 0, proc.stderr
-    st = json.loads(proc.stdout)["pool"]
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == "tvmedge/1" and doc["command"] == "run pool"
+    st = doc["pool"]
+    assert all(d["device"]["kind"] == "hardware" and d["device"]["via"] == "rpc" for d in st["devices"])
     assert st["frames"] == 30 and st["outputs_identical"] and st["strategy"] == "throughput"
     assert {d["key"] for d in st["devices"]} == {KEY_A, KEY_B}
     assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9

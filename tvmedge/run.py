@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,13 @@ import numpy as np
 from .core.artifact import read_artifact
 from .core.model import random_inputs
 from .core.errors import TvmedgeError
+from .core.schema import device_block, envelope, latency_block
 from .core.vm import ModelVM
 
 
 def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
-    """Median, 90th percentile, min and mean of a list of latencies (ms)."""
-    lat = np.asarray(latencies_ms)
-    return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
-            "min": float(lat.min()), "mean": float(lat.mean())}
+    """The schema's latency block: median, 90th percentile, min, mean (ms) and runs."""
+    return latency_block(latencies_ms)
 
 
 @dataclass
@@ -33,8 +32,22 @@ class RunResult:
     outputs: list[np.ndarray]
     latencies_ms: list[float]
     meta: dict[str, Any]
-    device: str
+    device: str  # local | rpc
     threads: int
+    # What the device said it is (tvmedge.deploy.session.device_info); local runs: this host.
+    device_info: dict[str, Any] = field(default_factory=lambda: {"kind": "hardware", "reported": True})
+    key: str | None = None  # the RPC key (or server address) it ran under
+
+    @property
+    def device_kind(self) -> str:
+        """hardware | emulated | simulated."""
+        return str(self.device_info.get("kind", "hardware"))
+
+    def device_block(self) -> dict[str, Any]:
+        """The schema's device block for where this ran."""
+        extra = {k: v for k, v in self.device_info.items() if k in ("board", "emulator", "arch", "reported") and v is not None}
+        return device_block(self.meta["device"]["name"], self.meta["target"], self.device_kind,
+                            via=self.device, key=self.key, **extra)
 
     def latency_summary(self) -> dict[str, float]:
         return latency_summary(self.latencies_ms)
@@ -44,10 +57,8 @@ class RunResult:
                  "mean": float(o.mean()) if o.size else 0.0, "min": float(o.min()) if o.size else 0.0,
                  "max": float(o.max()) if o.size else 0.0}
                 for spec, o in zip(self.meta["outputs"], self.outputs)]
-        return {"latency_ms": self.latency_summary(), "repeat": len(self.latencies_ms),
-                "device": self.device, "threads": self.threads,
-                "target": self.meta["target"], "outputs": outs,
-                "emulated": bool(self.meta.get("emulated", False))}
+        return envelope("run", {"device": self.device_block(), "latency_ms": self.latency_summary(),
+                                "threads": self.threads, "outputs": outs})
 
 
 def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]],
@@ -107,7 +118,8 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
         loaded = load_model_vm(lib_path, meta, session=session, threads=threads)
         outputs = loaded.vm(inputs)
         lat = loaded.vm.time_ms(inputs, repeat, warmup)
-    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=loaded.where, threads=loaded.threads)
+    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=loaded.where, threads=loaded.threads,
+                     device_info=loaded.info)
 
 
 @dataclass
@@ -117,6 +129,7 @@ class LoadedModel:
     vm: ModelVM
     where: str  # "local" or "rpc"
     threads: int
+    info: dict[str, Any]  # what the device says it is (deploy.session.device_info)
 
 
 def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=None,
@@ -137,7 +150,12 @@ def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=Non
         config = tvm.get_global_func("runtime.config_threadpool")
         num_threads = tvm.get_global_func("runtime.NumThreads")
         where = "local"
+        info = {"kind": "hardware", "arch": arch_of_target(meta["target"]), "reported": True}
     else:
+        from .deploy.session import device_info
+
+        info = device_info(session)
+        _check_runs_there(meta, info)
         # A fresh name per upload: the device's dlopen hands back an already loaded
         # library for a path it has seen, so a second artifact in one session would
         # silently run the first one's code.
@@ -159,7 +177,7 @@ def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=Non
     if threads:
         config(1, int(threads))
     vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
-    return LoadedModel(vm=vm, where=where, threads=int(num_threads()))
+    return LoadedModel(vm=vm, where=where, threads=int(num_threads()), info=info)
 
 
 def target_cores(target: dict[str, Any]) -> int | None:
@@ -185,6 +203,17 @@ def _check_runs_here(meta: dict[str, Any]) -> None:
     if arch != here:
         raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), this machine is {here}: "
                            "run it on the device with --rpc-tracker/--rpc-key or --rpc-host")
+
+
+def _check_runs_there(meta: dict[str, Any], info: dict[str, Any]) -> None:
+    """Refuse, before uploading, an artifact built for another CPU than the device's (when
+    the device says which; a server tvmedge did not start does not)."""
+    there = info.get("arch")
+    arch = arch_of_target(meta["target"])
+    if there and arch != there:
+        raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), the device is {there}"
+                           f"{' (' + info['board'] + ')' if info.get('board') else ''}: compile it with "
+                           "--target for that device")
 
 
 def save_outputs(path: str | os.PathLike, result: RunResult) -> None:

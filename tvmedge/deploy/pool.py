@@ -42,6 +42,7 @@ import numpy as np
 
 from ..core.artifact import read_artifact
 from ..core.errors import TvmedgeError, first_line
+from ..core.schema import device_block
 from ..run import LoadedModel, load_model_vm
 from .address import HostPort, as_host_port, format_host_port
 from .session import connect
@@ -74,9 +75,10 @@ class PoolDevice:
     busy_s: float = 0.0  # time spent in its calls
     ewma_ms: float | None = None
     lost_frames: int = 0  # frames it held when it was lost (sent again to others)
+    block: dict[str, Any] = field(default_factory=dict)  # the schema's device block
 
     def summary(self, total: int) -> dict[str, Any]:
-        return {"name": self.name, "key": self.key, "frames": self.frames,
+        return {"name": self.name, "key": self.key, "device": self.block, "frames": self.frames,
                 "share": self.frames / total if total else 0.0,
                 "mean_ms": 1e3 * self.busy_s / self.frames if self.frames else None,
                 "alive": self.alive, "error": self.error, "resent_frames": self.lost_frames}
@@ -93,6 +95,11 @@ class FramePool:
             raise TvmedgeError("the device pool is empty")
         self.devices = list(devices)
         self.meta = meta
+        for d in self.devices:
+            info = d.loaded.info
+            extra = {k: v for k, v in info.items() if k in ("board", "emulator", "arch", "reported") and v is not None}
+            d.block = device_block(meta["device"]["name"], meta["target"], str(info.get("kind", "hardware")),
+                                   via=d.loaded.where, key=None if d.session is None else d.key, **extra)
         self.inflight = max(1, int(inflight))
         self.strategy = strategy
         self._workdir = workdir
