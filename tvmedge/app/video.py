@@ -388,3 +388,31 @@ def _write_label(rgb: np.ndarray, text: str) -> np.ndarray:
     draw.rectangle([0, 0, 8 + 7 * len(text), 16], fill=(0, 0, 0))
     draw.text((4, 2), text, fill=(255, 255, 255))
     return np.asarray(img)
+
+
+def video_json(res: VideoResult, pool: Any, args: Any = None, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """``tvmedge video --json``: the run in the tvmedge/1 envelope, every device with its kind
+    (hardware / emulated), and the mIoU against ``labels`` (N, H, W) when given."""
+    from ..core.metrics import mean_iou
+    from ..core.schema import envelope
+
+    body = res.to_json()
+    body["devices"] = [d.block for d in pool.devices] if hasattr(pool, "devices") else []
+    if len(body["devices"]) == 1:
+        body["device"] = body["devices"][0]
+    body["input"] = str(getattr(args, "input", "")) or None
+    body["output"] = str(getattr(args, "output", "")) or None
+    body["realtime_fps"] = getattr(args, "realtime", None)
+    body["miou"] = None
+    if labels is not None and res.kind == "segmentation" and res.masks:
+        if labels.ndim != 3 or labels.shape[1:] != (res.input_size[1], res.input_size[0]):
+            raise TvmedgeError(f"--labels must be [frames, {res.input_size[1]}, {res.input_size[0]}] class maps, "
+                               f"got {list(labels.shape)}")
+        if res.dropped:
+            raise TvmedgeError("--labels cannot be matched to frames when frames were dropped (--realtime)")
+        n = min(len(res.masks), len(labels))
+        h, w = labels.shape[1:]
+        pred = np.stack([upsample_nearest(m, h, w) for m in res.masks[:n]])
+        num_classes = int(max(labels.max(), pred.max())) + 1
+        body["miou"] = mean_iou(pred, labels[:n], num_classes)
+    return envelope("video", body)
