@@ -37,7 +37,7 @@ def reference(shapes_seg_tar, frames):
 def servers(tracker):
     """Two real servers, one under each of two keys (a mixed pool). The tests below run in
     file order and use them up: the last two kill them."""
-    started = [start_server(tracker.addr, k, env={"TVM_NUM_THREADS": "1"}) for k in (KEY_A, KEY_B)]
+    started = [start_server(tracker.addr, k, env={"TVM_NUM_THREADS": "1"}, timeout=240) for k in (KEY_A, KEY_B)]
     yield started
     for s in started:
         s.stop()
@@ -58,6 +58,20 @@ def test_run_pool_cli_mixed_keys(tracker, servers, shapes_seg_tar, tmp_path):
     assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
     bad = run_cli("run", str(shapes_seg_tar), "--pool", KEY_A, in_process=True)
     assert bad.returncode == 1 and "--pool needs --rpc-tracker" in bad.stderr
+
+
+def test_video_over_the_pool_cli(tracker, servers, shapes_seg_tar, tmp_path):
+    clip, gt = tmp_path / "clip.mp4", tmp_path / "gt.npy"
+    made = run_cli("video-clip", "-o", str(clip), "--labels", str(gt), "--frames", "16", "--size", "64",
+                   in_process=True)
+    assert made.returncode == 0, made.stderr
+    proc = run_cli("video", str(clip), str(shapes_seg_tar), "-o", str(tmp_path / "out.mp4"), "--rpc-tracker",
+                   tracker.address, "--pool", f"{KEY_A},{KEY_B}", "--threads", "1", "--labels", str(gt), "--json",
+                   in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["frames"] == 16 and not doc["resized"] and doc["miou"] > 0.6
+    assert len(doc["devices"]) == 2 and sum(d["frames"] for d in doc["pool"]["devices"]) == 16
 
 
 def test_pool_in_order_and_survives_a_killed_server(tracker, servers, shapes_seg_tar, frames, reference):

@@ -75,7 +75,7 @@ def test_pool_lost_mid_video_leaves_a_valid_partial_file(clip, shapes_seg_tar, t
     from tvmedge.deploy.launch import start_server
 
     path, _, _ = clip
-    server = start_server(tracker.addr, "video-pool", env={"TVM_NUM_THREADS": "1"})
+    server = start_server(tracker.addr, "video-pool", env={"TVM_NUM_THREADS": "1"}, timeout=240)
     out = tmp_path / "partial.mp4"
     try:
         with open_pool(shapes_seg_tar, tracker.addr, ["video-pool"], threads=1) as pool:
