@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -72,6 +73,27 @@ def test_video_over_the_pool_cli(tracker, servers, shapes_seg_tar, tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["frames"] == 16 and not doc["resized"] and doc["miou"] > 0.6
     assert len(doc["devices"]) == 2 and sum(d["frames"] for d in doc["pool"]["devices"]) == 16
+
+
+def test_pool_drops_a_device_that_stops_answering(tracker, servers, shapes_seg_tar, frames, reference):
+    """A link that goes silent raises nothing: the server's process group is frozen (SIGSTOP)
+    mid-stream; after ``stall_s`` its frames go to the other device."""
+    with open_pool(shapes_seg_tar, tracker.addr, [KEY_A, KEY_B], inflight=2, threads=1, stall_s=2.0) as pool:
+        frozen = next(s for s in servers if s.address == pool.devices[0].name.split("@")[1])
+        got = []
+        try:
+            for i, outs in enumerate(pool.map(frames[:40])):
+                got.append(outs[0])
+                if i == 10:
+                    os.killpg(frozen.pgid, signal.SIGSTOP)
+        finally:
+            os.killpg(frozen.pgid, signal.SIGCONT)
+        st = pool.stats()
+    assert len(got) == 40 and st["duplicate_results"] == 0
+    for a, b in zip(got, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    lost = [d for d in st["devices"] if not d["alive"]]
+    assert len(lost) == 1 and "no answer within" in lost[0]["error"]
 
 
 def test_pool_in_order_and_survives_a_killed_server(tracker, servers, shapes_seg_tar, frames, reference):

@@ -74,6 +74,7 @@ class PoolDevice:
     frames: int = 0  # frames it returned
     busy_s: float = 0.0  # time spent in its calls
     ewma_ms: float | None = None
+    call_started: float | None = None  # time.monotonic() when its current call began
     lost_frames: int = 0  # frames it held when it was lost (sent again to others)
     block: dict[str, Any] = field(default_factory=dict)  # the schema's device block
 
@@ -88,7 +89,7 @@ class FramePool:
     """Runs inputs over ``devices`` (see the module docstring); use :meth:`map`, then :meth:`stats`."""
 
     def __init__(self, devices: Sequence[PoolDevice], meta: dict[str, Any], inflight: int = 2,
-                 strategy: str = "least-loaded", workdir: str | None = None) -> None:
+                 strategy: str = "least-loaded", workdir: str | None = None, stall_s: float = 60.0) -> None:
         if strategy not in STRATEGIES:
             raise TvmedgeError(f"unknown pool strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
         if not devices:
@@ -105,9 +106,11 @@ class FramePool:
         self._workdir = workdir
         self._cv = threading.Condition()
         self._closed = False
-        self._retry: list[tuple[int, dict[str, np.ndarray]]] = []  # heap by frame index
+        self.stall_s = stall_s
+        self._retry: list[tuple[int, int, dict[str, np.ndarray]]] = []  # (index, generation, inputs), a heap
         self._results: dict[int, list[np.ndarray]] = {}
         self._next_out = 0
+        self._gen = 0  # one per map(): a result left over from an abandoned map() is dropped
         self.resent = 0
         self.duplicates = 0  # results that arrived for a frame already recorded (must stay 0)
         self.delivered = 0
@@ -125,16 +128,27 @@ class FramePool:
                     self._cv.wait()
                 if self._closed or not d.alive:
                     return
-                index, inputs = d.queue[0]  # stays in flight until it returns
+                item = d.queue[0]  # stays in flight until it returns
+                d.call_started = time.monotonic()
+                vm = d.loaded.vm
+            index, gen, inputs = item
             t0 = time.perf_counter()
             try:
-                outputs = d.loaded.vm(inputs)
+                outputs = vm(inputs)
             except Exception as e:  # noqa: BLE001 - any failure takes the device out of the pool
-                self._lose(d, first_line(e) or type(e).__name__)
+                with self._cv:
+                    if d.alive:
+                        self._lose(d, first_line(e) or type(e).__name__)
                 return
             dt = time.perf_counter() - t0
             with self._cv:
-                d.queue.popleft()
+                d.call_started = None
+                if not d.alive:  # declared lost while this call hung; its frames went elsewhere
+                    return
+                if d.queue and d.queue[0] is item:
+                    d.queue.popleft()
+                if gen != self._gen:
+                    continue
                 d.frames += 1
                 d.busy_s += dt
                 ms = dt * 1e3
@@ -146,17 +160,27 @@ class FramePool:
                 self._cv.notify_all()
 
     def _lose(self, d: PoolDevice, why: str) -> None:
-        with self._cv:
-            d.alive = False
-            d.error = why
-            d.lost_frames += len(d.queue)
-            self.resent += len(d.queue)
-            for item in d.queue:
-                heapq.heappush(self._retry, item)
-            d.queue.clear()
-            self._cv.notify_all()
-        d.loaded = None  # type: ignore[assignment]  # drop the remote module before the session
-        d.session = None
+        """Take ``d`` out of the pool and queue its frames for the others (caller holds the lock)."""
+        d.alive = False
+        d.error = why
+        mine = [item for item in d.queue if item[1] == self._gen]
+        d.lost_frames += len(mine)
+        self.resent += len(mine)
+        for item in mine:
+            heapq.heappush(self._retry, item)
+        d.queue.clear()
+        self._cv.notify_all()
+
+    def _watchdog(self) -> None:
+        """A device whose call has not returned for ``stall_s`` (and 20x its usual time) is lost:
+        a link that drops without closing the connection never raises (caller holds the lock)."""
+        now = time.monotonic()
+        for d in self.devices:
+            started = d.call_started
+            if d.alive and started is not None:
+                limit = max(self.stall_s, 0.02 * (d.ewma_ms or 0.0))
+                if now - started > limit:
+                    self._lose(d, f"no answer within {limit:.0f} s")
 
     # ------------------------------------------------------------ dispatch
     def _choose(self, candidates: list[PoolDevice]) -> PoolDevice:
@@ -174,6 +198,13 @@ class FramePool:
         window = max(16, 4 * self.inflight * len(self.devices))  # bound on frames held for reordering
         t0 = time.perf_counter()
         self._cv.acquire()
+        self._gen += 1
+        self._retry.clear()
+        self._results.clear()
+        self._next_out = 0
+        for d in self.devices:  # frames an abandoned map() left queued (the one running is dropped on return)
+            while len(d.queue) > (1 if d.call_started is not None else 0):
+                d.queue.pop()
         try:
             while True:
                 # hand frames to devices with room
@@ -197,7 +228,7 @@ class FramePool:
                         if inputs is None:
                             exhausted = True
                             continue
-                        item = (next_in, inputs)
+                        item = (next_in, self._gen, inputs)
                         next_in += 1
                     else:
                         break
@@ -217,6 +248,7 @@ class FramePool:
                 if exhausted and self._next_out == next_in:
                     break
                 self._cv.wait(timeout=0.5)
+                self._watchdog()
         finally:
             self.wall_s += time.perf_counter() - t0
             self._cv.release()
@@ -259,7 +291,7 @@ def parse_keys(text: str) -> list[str]:
 
 def open_pool(artifact: str | Path, tracker: HostPort | str | None = None, keys: Sequence[str] = (),
               *, session: Any = None, session_name: str = "rpc", inflight: int = 2, strategy: str = "least-loaded",
-              threads: int | None = None, timeout: float = 60.0, log=None) -> FramePool:
+              threads: int | None = None, timeout: float = 60.0, stall_s: float = 60.0, log=None) -> FramePool:
     """A :class:`FramePool` over every free server under ``keys`` at ``tracker``; or over the
     one device behind an open RPC ``session``; or, with neither, this machine alone; with
     ``artifact`` loaded on each device."""
@@ -298,7 +330,7 @@ def open_pool(artifact: str | Path, tracker: HostPort | str | None = None, keys:
                 keys_there = ", ".join(sorted(listed)) or "none"
                 raise TvmedgeError(f"the device pool is empty: no server under {', '.join(keys)} at RPC tracker "
                                    f"{where} (keys there: {keys_there})")
-        return FramePool(devices, meta, inflight=inflight, strategy=strategy, workdir=workdir)
+        return FramePool(devices, meta, inflight=inflight, strategy=strategy, workdir=workdir, stall_s=stall_s)
     except BaseException:
         devices.clear()
         gc.collect()
