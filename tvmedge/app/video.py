@@ -16,7 +16,10 @@ not by their sum):
    on the frame;
 5. **encode** (PyAV, H.264 by default) into the output file.
 
-Each stage's mean ms per frame, the end-to-end FPS and the dropped frames are reported.
+Each stage's mean ms per frame, the end-to-end FPS and the dropped frames are reported. For
+``infer`` that is the time between consecutive results (what the stage costs the stream: with
+several frames in flight, or a pool, less than one call's latency; each device's own mean call
+time is in the pool block).
 If inference fails mid-stream (every pool device lost), the frames already encoded are
 flushed and the file closed, so it is a valid video up to the last written frame.
 """
