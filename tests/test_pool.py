@@ -57,6 +57,10 @@ def test_run_pool_cli_mixed_keys(tracker, servers, shapes_seg_tar, tmp_path):
     assert {d["key"] for d in st["devices"]} == {KEY_A, KEY_B}
     assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9
     assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
+    text = run_cli("run", str(shapes_seg_tar), "--rpc-tracker", tracker.address, "--pool", f"{KEY_A},{KEY_B}",
+                   "--repeat", "10", "--threads", "1", in_process=True)
+    assert text.returncode == 0, text.stderr
+    assert "10 frames in" in text.stdout and "FPS" in text.stdout and text.stdout.count("frames (") == 2
     bad = run_cli("run", str(shapes_seg_tar), "--pool", KEY_A, in_process=True)
     assert bad.returncode == 1 and "--pool needs --rpc-tracker" in bad.stderr
 
