@@ -10,6 +10,11 @@ both. With more servers than cores, servers share cores (printed as such).
 
     .venv/bin/python benchmarks/pool.py [--servers 1,2] [--frames 300] [--rounds 3] [--inflight 2]
 
+CPU time per frame (the servers' process groups, and this client) is printed beside FPS: on a
+machine shared with other jobs, more server processes also win a larger share of the CPU from
+them, so the FPS ratio alone can overstate scaling; the CPU cost per frame does not depend on
+that.
+
 Writes ``benchmarks/results/pool.json``.
 """
 
@@ -37,6 +42,28 @@ def pinned_python(workdir: Path, core: int) -> str:
     return str(path)
 
 
+def server_cpu_s(servers) -> float:
+    """CPU seconds used so far by the servers' process groups (server and session workers)."""
+    import psutil
+
+    total = 0.0
+    for s in servers:
+        for pid in s.pids():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
+def client_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(artifact: Path, tracker, key: str, n_servers: int, frames: list, inflight: int, strategy: str,
             workdir: Path) -> dict:
     from tvmedge.deploy.launch import start_server
@@ -55,9 +82,13 @@ def measure(artifact: Path, tracker, key: str, n_servers: int, frames: list, inf
             pool.delivered = 0
             for d in pool.devices:
                 d.frames, d.busy_s = 0, 0.0
+            cpu0 = server_cpu_s(servers), client_cpu_s()
             for _ in pool.map(frames):
                 pass
-            return pool.stats()
+            st = pool.stats()
+            st["server_cpu_ms_per_frame"] = 1e3 * (server_cpu_s(servers) - cpu0[0]) / len(frames)
+            st["client_cpu_ms_per_frame"] = 1e3 * (client_cpu_s() - cpu0[1]) / len(frames)
+            return st
     finally:
         for s in servers:
             s.stop()
@@ -108,19 +139,23 @@ def main() -> int:
         best = sorted(runs[n], key=lambda s: s["fps"])[len(runs[n]) // 2]  # the median round
         rows.append({"servers": n, "fps": best["fps"], "fps_rounds": [s["fps"] for s in runs[n]],
                      "shares": [round(d["share"], 3) for d in best["devices"]],
-                     "mean_ms_per_frame": [d["mean_ms"] for d in best["devices"]]})
+                     "mean_ms_per_frame": [d["mean_ms"] for d in best["devices"]],
+                     "server_cpu_ms_per_frame": best["server_cpu_ms_per_frame"],
+                     "client_cpu_ms_per_frame": best["client_cpu_ms_per_frame"]})
     base = rows[0]["fps"]
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     print(f"\nshapes-seg (1x3x64x64) over a pool of local RPC servers, 1 thread each, pinned with taskset; "
           f"{args.frames} frames, {args.inflight} in flight per server, {args.strategy}; {cores} cores, "
           f"load average {load:.1f} at the end (other work shares this machine)")
-    print(f"{'servers':>8} {'FPS (median)':>13} {'rounds':>24} {'speed-up':>9}  shares")
+    print(f"{'servers':>8} {'FPS (median)':>13} {'rounds':>24} {'speed-up':>9} {'server CPU ms/frame':>20} "
+          f"{'client CPU ms/frame':>20}  shares")
     for row in rows:
         row["speedup_vs_first"] = row["fps"] / base
         note = "  (more servers than cores)" if row["servers"] > cores else ""
         print(f"{row['servers']:>8} {row['fps']:>13.1f} {', '.join(f'{v:.0f}' for v in row['fps_rounds']):>24} "
-              f"{row['speedup_vs_first']:>8.2f}x  {row['shares']}{note}")
+              f"{row['speedup_vs_first']:>8.2f}x {row['server_cpu_ms_per_frame']:>20.2f} "
+              f"{row['client_cpu_ms_per_frame']:>20.2f}  {row['shares']}{note}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "pool", "model": "shapes-seg", "frames": args.frames,
