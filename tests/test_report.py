@@ -51,6 +51,7 @@ document.getElementById("f").addEventListener("load", () => {{
     return json.loads(html.unescape(m.group(1)))
 
 
+@pytest.mark.slow  # compiles and evaluates shapes-seg (~20 s of CPU): over the default run's budget
 def test_report_host_and_unreachable_jetson(tmp_path):
     out = tmp_path / "report"
     proc = run_cli("report", "shapes-seg", "--devices", "host,jetson-nano", "--variants", "fp32",
