@@ -172,21 +172,17 @@ def _measure(art: Path, reached: Reached, data: Any, repeat: int, eval_samples: 
     from ..run import run_artifact
 
     sess = reached.session_factory() if reached.session_factory else None
-    try:
-        res = run_artifact(art, repeat=repeat, session=sess)
-        kind = res.device_kind
-        metric = None
-        if data is not None and data.labels is not None:
-            samples = data.samples[:eval_samples]
-            with open_pool(art, session=sess, session_name=reached.name) if sess is not None else \
-                    open_pool(art) as pool:
-                outs = [o[0] for o in pool.map(samples)]
-            sub = type(data)(data.name, samples, data.labels[:len(samples)], data.metric, data.num_classes)
-            metric = score([np.concatenate(outs)], sub)
-        return {"latency": res.latencies_ms, "kind": kind, "threads": res.threads, "metric": metric,
-                "device_block": res.device_block()}
-    finally:
-        sess = None
+    res = run_artifact(art, repeat=repeat, session=sess)
+    metric = None
+    if data is not None and data.labels is not None:
+        samples = data.samples[:eval_samples]
+        pool = open_pool(art, session=sess, session_name=reached.name) if sess is not None else open_pool(art)
+        with pool:
+            outs = [o[0] for o in pool.map(samples)]
+        sub = type(data)(data.name, samples, data.labels[:len(samples)], data.metric, data.num_classes)
+        metric = score([np.concatenate(outs)], sub)
+    return {"latency": res.latencies_ms, "kind": res.device_kind, "threads": res.threads, "metric": metric,
+            "device_block": res.device_block()}
 
 
 def _row(dev: Any, reached: Reached, variant: str, **kw: Any) -> dict[str, Any]:
