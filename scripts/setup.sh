@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES="g++ debian-archive-keyring g++-aarch64-linux-gnu qemu-user-static pocl-opencl-icd ocl-icd-libopencl1 binutils-aarch64-linux-gnu"
+# chromium: headless, the browser tests/test_report.py renders tvmedge report's page in
+APT_PACKAGES="$APT_PACKAGES chromium"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

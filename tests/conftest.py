@@ -78,3 +78,18 @@ def digits_onnx(tmp_path_factory):
     from tvmedge import zoo
 
     return zoo.export("digits-cnn", tmp_path_factory.mktemp("digits") / "digits.onnx")
+
+
+@pytest.fixture(scope="session")
+def shapes_seg_tar(tmp_path_factory):
+    """The trained shapes-seg U-Net compiled for this host, once per test session."""
+    from tvmedge import zoo
+    from tvmedge.build import compile_model
+    from tvmedge.frontend import load_model
+    from tvmedge.target import resolve
+
+    d = tmp_path_factory.mktemp("shapes-seg")
+    onnx_path = zoo.export("shapes-seg", d / "seg.onnx")
+    art = d / "seg.tar"
+    compile_model(load_model(onnx_path), resolve("host"), art)
+    return art

@@ -16,6 +16,7 @@ from tvmedge.build import compile_model
 from tvmedge.deploy.address import format_host_port
 from tvmedge.deploy.launch import start_server, start_tracker
 from tvmedge.core.errors import TvmedgeError
+from tvmedge.core.schema import validate
 from tvmedge.frontend import load_model
 from tvmedge.run import run_artifact
 from tvmedge.target import resolve
@@ -136,8 +137,10 @@ def test_run_cli_json_outputs_threads(tmp_path):
     info = json.loads(proc.stdout)
     assert set(info["latency_ms"]) >= {"median", "p90", "min"}
     assert 0 < info["latency_ms"]["min"] <= info["latency_ms"]["median"] <= info["latency_ms"]["p90"]
-    assert info["threads"] == 1 and info["repeat"] == 5
-    assert info["device"] == "local" and info["target"]["kind"] == "llvm"
+    assert info["threads"] == 1 and info["latency_ms"]["runs"] == 5
+    assert info["device"]["via"] == "local" and info["device"]["target"]["kind"] == "llvm"
+    assert info["device"]["kind"] == "hardware" and info["device"]["cpu"]
+    validate(info)
     assert info["outputs"][0]["name"] == "logits" and info["outputs"][0]["shape"] == [1, 10]
     out = np.load(tmp_path / "out.npz")
     assert list(out.keys()) == ["logits"]
@@ -151,7 +154,9 @@ def test_run_cli_json_outputs_threads(tmp_path):
 
 def test_zoo_cli(tmp_path):
     proc = cli("zoo", "list", "--json", check=True)
-    names = {m["name"] for m in json.loads(proc.stdout)}
+    listing = json.loads(proc.stdout)
+    validate(listing)
+    names = {m["name"] for m in listing["items"]}
     assert set(ZOO_NAMES) <= names
     cli("zoo", "export", "resnet18", "-o", str(tmp_path / "r.onnx"), check=True)
     assert (tmp_path / "r.onnx").stat().st_size > 40e6  # 11.7M float32 weights
@@ -250,7 +255,10 @@ def test_error_unreachable_tracker_and_remote_run(tmp_path):
         remote = json.loads(cli("run", str(tmp_path / "d.tar"), "--rpc-tracker", format_host_port(tr.addr),
                                 "--rpc-key", "here", "--json", "--repeat", "2", "--outputs",
                                 str(tmp_path / "remote.npz"), check=True).stdout)
-    assert remote["latency_ms"]["median"] > 0 and remote["device"] != local["device"]
+    assert remote["latency_ms"]["median"] > 0 and remote["device"]["via"] == "rpc" and local["device"]["via"] == "local"
+    # a plain TVM server says nothing about itself: assumed hardware, and the JSON says it was not reported
+    assert remote["device"]["kind"] == "hardware" and remote["device"]["reported"] is False
+    validate(remote)
     assert np.array_equal(np.load(tmp_path / "local.npz")["logits"], np.load(tmp_path / "remote.npz")["logits"])
 
 

@@ -18,10 +18,10 @@ def test_bar_in_a_log_is_whole_lines_at_each_tenth():
     out = io.StringIO()  # not a terminal, like a CI log or a pipe
     with Reporter(True, stream=out).bar("tuning (trials)", 64, transient=False) as bar:
         for done in range(0, 65, 4):
-            bar.update(completed=done, status=f"best model est. {100 - done:.2f} ms")
+            bar.update(completed=done, status=f"kernels sum {100 - done:.2f} ms")
     lines = out.getvalue().splitlines()
     assert 10 <= len(lines) <= 11
-    assert lines[-1].startswith("tuning (trials): 64/64 best model est. 36.00 ms (")
+    assert lines[-1].startswith("tuning (trials): 64/64 kernels sum 36.00 ms (")
     assert all("…" not in ln for ln in lines)
 
 

@@ -18,6 +18,7 @@ import pytest
 from tvmedge import zoo
 from tvmedge.deploy.address import format_host_port
 from tvmedge.deploy.launch import start_server, start_tracker
+from tvmedge.core.schema import validate
 from tvmedge.deploy.tracker import list_devices
 from tvmedge.tune.database import RECORDS, STATE, WORKLOADS, export_best
 from conftest import run_cli
@@ -65,7 +66,9 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["trials_run"] >= 4 and rep["devices_used"] == 1
-    assert rep["latency_ms"]["tuned"]["median"] > 0 and rep["onnxruntime_ms"]["median"] > 0
+    validate(rep)
+    assert rep["latency_ms"]["median"] > 0 and rep["baselines"]["onnxruntime"]["latency_ms"]["median"] > 0
+    assert rep["baselines"]["untuned"]["latency_ms"]["runs"] >= 3 and rep["device"]["kind"] == "hardware"
     tuned = [t for t in rep["tasks"] if t["trials"]]
     assert tuned and all(t["best_us"] > 0 for t in tuned)
     assert assert_valid_database(db) >= rep["trials_run"] - 2  # a few candidates may fail to build
@@ -75,7 +78,7 @@ def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp
     # tune's end-to-end comparison is stored for compile to follow.
     (verdict,) = state["end_to_end"].values()
     assert verdict["faster"] == ("default" if rep["tuned_slower_than_default"] else "tuned") == rep["end_to_end"]["faster"]
-    assert verdict["tuned_ms"] == round(rep["latency_ms"]["tuned"]["median"], 4)
+    assert verdict["tuned_ms"] == round(rep["latency_ms"]["median"], 4)
 
     # A model measured slower with its records than with the defaults is compiled with the
     # defaults, and says so; --always-apply-records overrides.
@@ -185,10 +188,13 @@ def test_tune_on_emulated_pi4_compile_and_run_there_matches_onnxruntime(digits_o
     with start_tracker() as tr, EmulatedDevice("pi4", tr.addr, key=key):
         addr = format_host_port(tr.addr)
         proc = tvmedge("tune", str(digits_onnx), "--target", "pi4", "--tuning-db", str(db), "--trials", "8",
-                       "--rpc-tracker", addr, "--rpc-key", key, "--emulated", "--json", "--no-compare")
+                       "--rpc-tracker", addr, "--rpc-key", key, "--json", "--no-compare")
         assert proc.returncode == 0, proc.stderr
         rep = json.loads(proc.stdout)
-        assert rep["emulated"] is True and rep["devices_used"] == 1 and rep["trials_run"] >= 4
+        validate(rep)
+        # no --emulated: the board started by EmulatedDevice says what it is
+        assert rep["device"]["kind"] == "emulated" and rep["device"]["board"] == "pi4"
+        assert rep["devices_used"] == 1 and rep["trials_run"] >= 4
         assert [t for t in rep["tasks"] if t["best_us"]], rep["tasks"]
         assert assert_valid_database(db) >= 4
 
@@ -200,7 +206,9 @@ def test_tune_on_emulated_pi4_compile_and_run_there_matches_onnxruntime(digits_o
                        "--inputs", str(tmp_path / "in.npz"), "--outputs", str(tmp_path / "out.npz"), "--json")
         assert proc.returncode == 0, proc.stderr
         info = json.loads(proc.stdout)
-    assert info["target"]["mtriple"].startswith("aarch64") and info["latency_ms"]["median"] > 0
+    validate(info)
+    assert info["device"]["target"]["mtriple"].startswith("aarch64") and info["latency_ms"]["median"] > 0
+    assert info["device"]["kind"] == "emulated" and info["device"]["arch"] == "aarch64"
     ref = ort.InferenceSession(str(digits_onnx)).run(None, {"input": x})[0]
     out = np.load(tmp_path / "out.npz")["logits"]
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4

@@ -39,7 +39,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
                          use_shipped=not args.no_shipped_schedules, keep_faster=not args.always_apply_records)
     if args.json:
-        print(dumps(meta))
+        from .core.schema import device_block, envelope
+
+        # "device" is the schema's device block; the artifact's own description stays beside it.
+        print(dumps(envelope("compile", {**meta, "device": device_block(device.name, meta["target"], via="none"),
+                                         "device_description": meta["device"]})))
     else:
         ins = ", ".join(f"{i['name']}{i['shape']}" for i in meta["inputs"])
         tuned = f", tuning records: {meta['tuning_db']}" if meta["tuning_db"] else ", untuned"
@@ -84,23 +88,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         _, meta = read_artifact(args.artifact, tmp)
     inputs = load_inputs(args.inputs, meta["inputs"], warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+    if args.pool:
+        return _run_pool(args, inputs)
     session = _session(args)
     res = run_artifact(args.artifact, inputs, repeat=args.repeat, threads=args.threads, session=session)
     if args.rpc_tracker or args.rpc_host:
-        res.device = f"rpc:{args.rpc_key or args.rpc_host}"
+        res.key = args.rpc_key or args.rpc_host
     if args.outputs:
         save_outputs(args.outputs, res)
     info = res.to_json()
     if args.json:
         print(dumps(info))
         return 0
-    lat = info["latency_ms"]
-    print(f"{os.path.basename(args.artifact)} on {info['device']} ({meta['device']['name']}, "
-          f"{info['threads']} threads, {info['repeat']} runs): median {lat['median']:.3f} ms, "
+    from .core.schema import kind_label
+
+    lat, dev = info["latency_ms"], info["device"]
+    where = f"rpc:{res.key}" if dev["via"] == "rpc" else "local"
+    tag = kind_label(dev["kind"])
+    print(f"{os.path.basename(args.artifact)} on {where} ({meta['device']['name']}{tag}, "
+          f"{info['threads']} threads, {lat['runs']} runs): median {lat['median']:.3f} ms{tag}, "
           f"p90 {lat['p90']:.3f} ms, min {lat['min']:.3f} ms ({1e3 / lat['median']:.1f} FPS)")
+    if dev["kind"] != "hardware":
+        print(f"note: measured on an {dev['kind']} device ({dev.get('emulator') or dev.get('board') or dev['name']}): "
+              "these times are not the real device's; use them for correctness and relative comparisons only")
     for o in info["outputs"]:
         print(f"  {o['name']}: {o['dtype']}{o['shape']} mean {o['mean']:.4g} min {o['min']:.4g} max {o['max']:.4g}")
     return 0
+
+
+def _pool_target(args: argparse.Namespace):
+    """``--pool KEYS`` with ``--rpc-tracker``: (tracker, keys)."""
+    from .deploy.pool import parse_keys
+
+    if not args.rpc_tracker:
+        raise TvmedgeError("--pool needs --rpc-tracker HOST:PORT (the tracker the pool's servers registered with)")
+    if args.rpc_key or args.rpc_host:
+        raise TvmedgeError("give either --pool KEYS or --rpc-key/--rpc-host, not both")
+    return parse_host_port(args.rpc_tracker), parse_keys(args.pool)
+
+
+def _run_pool(args: argparse.Namespace, inputs) -> int:
+    from .deploy.pool import run_over_pool
+    from .run import save_outputs, RunResult
+
+    tracker, keys = _pool_target(args)
+    outputs, stats = run_over_pool(args.artifact, inputs, tracker, keys, args.repeat, inflight=args.inflight,
+                                   strategy=args.pool_strategy, threads=args.threads, timeout=args.rpc_timeout)
+    if args.outputs:
+        import tempfile
+        from .core.artifact import read_artifact
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _, meta = read_artifact(args.artifact, tmp)
+        save_outputs(args.outputs, RunResult(outputs, [], meta, "pool", 0))
+    if args.json:
+        from .core.schema import envelope
+
+        print(dumps(envelope("run pool", {"pool": stats})))
+        return 0
+    print(f"{os.path.basename(args.artifact)} over pool {','.join(keys)} ({len(stats['devices'])} devices, "
+          f"{stats['strategy']}, {stats['inflight']} in flight each): {stats['frames']} frames in "
+          f"{stats['wall_s']:.2f} s = {stats['fps']:.1f} FPS; frames sent again: {stats['resent_frames']}")
+    from .core.schema import kind_label
+
+    for d in stats["devices"]:
+        state = "ok" if d["alive"] else f"LOST ({d['error']})"
+        mean = f"{d['mean_ms']:.2f} ms/frame" if d["mean_ms"] is not None else "-"
+        print(f"  {d['name']}{kind_label(d['device']['kind'])}: {d['frames']} frames ({100 * d['share']:.0f} %), "
+              f"{mean}, {state}")
+    return 0
+
+
+def _add_pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", metavar="KEY[,KEY...]",
+                   help="spread frames over every server registered under these keys at --rpc-tracker")
+    p.add_argument("--pool-strategy", choices=("least-loaded", "throughput"), default="least-loaded",
+                   help="pool scheduling: fewest frames in flight, or measured throughput (default least-loaded)")
+    p.add_argument("--inflight", type=int, default=2, help="frames in flight per pool device (default 2)")
 
 
 # ---------------------------------------------------------------- zoo
@@ -108,8 +172,11 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
     if args.json:
-        print(dumps([{"name": e.name, "input_shape": list(e.input_shape), "trained": e.trained,
-                           "description": e.description} for e in zoo.ZOO.values()]))
+        from .core.schema import envelope
+
+        print(dumps(envelope("zoo list", {"items": [
+            {"name": e.name, "input_shape": list(e.input_shape), "trained": e.trained,
+             "description": e.description} for e in zoo.ZOO.values()]})))
         return 0
     for e in zoo.ZOO.values():
         shape = "x".join(map(str, e.input_shape))
@@ -167,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: random, seeded)")
     p.add_argument("--outputs", metavar="OUT.npz", help="write outputs here, in output order")
-    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20)")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20; with --pool: frames sent)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_rpc_args(p)
+    _add_pool_args(p)
     p.set_defaults(func=cmd_run)
 
     zp = sub.add_parser("zoo", help="reference models").add_subparsers(dest="zoo_command", required=True)
@@ -193,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli"):
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli",
+                  "tvmedge.app.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet

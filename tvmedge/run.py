@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,13 @@ import numpy as np
 from .core.artifact import read_artifact
 from .core.model import random_inputs
 from .core.errors import TvmedgeError
+from .core.schema import device_block, envelope, latency_block
 from .core.vm import ModelVM
 
 
 def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
-    """Median, 90th percentile, min and mean of a list of latencies (ms)."""
-    lat = np.asarray(latencies_ms)
-    return {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
-            "min": float(lat.min()), "mean": float(lat.mean())}
+    """The schema's latency block: median, 90th percentile, min, mean (ms) and runs."""
+    return latency_block(latencies_ms)
 
 
 @dataclass
@@ -33,8 +32,22 @@ class RunResult:
     outputs: list[np.ndarray]
     latencies_ms: list[float]
     meta: dict[str, Any]
-    device: str
+    device: str  # local | rpc
     threads: int
+    # What the device said it is (tvmedge.deploy.session.device_info); local runs: this host.
+    device_info: dict[str, Any] = field(default_factory=lambda: {"kind": "hardware", "reported": True})
+    key: str | None = None  # the RPC key (or server address) it ran under
+
+    @property
+    def device_kind(self) -> str:
+        """hardware | emulated | simulated."""
+        return str(self.device_info.get("kind", "hardware"))
+
+    def device_block(self) -> dict[str, Any]:
+        """The schema's device block for where this ran."""
+        extra = {k: v for k, v in self.device_info.items() if k in ("board", "emulator", "arch", "reported") and v is not None}
+        return device_block(self.meta["device"]["name"], self.meta["target"], self.device_kind,
+                            via=self.device, key=self.key, **extra)
 
     def latency_summary(self) -> dict[str, float]:
         return latency_summary(self.latencies_ms)
@@ -44,10 +57,8 @@ class RunResult:
                  "mean": float(o.mean()) if o.size else 0.0, "min": float(o.min()) if o.size else 0.0,
                  "max": float(o.max()) if o.size else 0.0}
                 for spec, o in zip(self.meta["outputs"], self.outputs)]
-        return {"latency_ms": self.latency_summary(), "repeat": len(self.latencies_ms),
-                "device": self.device, "threads": self.threads,
-                "target": self.meta["target"], "outputs": outs,
-                "emulated": bool(self.meta.get("emulated", False))}
+        return envelope("run", {"device": self.device_block(), "latency_ms": self.latency_summary(),
+                                "threads": self.threads, "outputs": outs})
 
 
 def load_inputs(path: str | os.PathLike | None, specs: list[dict[str, Any]],
@@ -101,54 +112,78 @@ def run_artifact(artifact: str | os.PathLike, inputs: dict[str, np.ndarray] | No
                  repeat: int = 20, threads: int | None = None, session=None,
                  warmup: int = 2) -> RunResult:
     """Load ``artifact`` (locally, or on the device behind ``session``) and time ``main``."""
-    import tvm
-
     with tempfile.TemporaryDirectory(prefix="tvmedge-run-") as tmp:
         lib_path, meta = read_artifact(artifact, tmp)
         inputs = inputs if inputs is not None else random_inputs(meta["inputs"])
-        kind = meta["device"]["kind"]
-        if session is None:
-            _check_runs_here(meta)
-            if meta.get("vta"):  # offloaded layers call the accelerator's driver function (simulated)
-                from .vta.runtime import register
+        loaded = load_model_vm(lib_path, meta, session=session, threads=threads)
+        outputs = loaded.vm(inputs)
+        lat = loaded.vm.time_ms(inputs, repeat, warmup)
+    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=loaded.where, threads=loaded.threads,
+                     device_info=loaded.info)
 
-                register()
-            # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
-            # x86, to skip hyper-threads even where there are none): set it before first use.
-            os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
-            lib = tvm.runtime.load_module(str(lib_path))
-            dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
-            config = tvm.get_global_func("runtime.config_threadpool")
-            num_threads = tvm.get_global_func("runtime.NumThreads")
-            where = "local"
-        else:
-            # A fresh name per upload: the device's dlopen hands back an already loaded
-            # library for a path it has seen, so a second artifact in one session would
-            # silently run the first one's code.
-            remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
-            if meta.get("vta"):
-                _check_vta_device(session, meta)
-            session.upload(str(lib_path), target=remote_name)
-            lib = session.load_module(remote_name)
-            dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
-            config = session.get_function("runtime.config_threadpool")
-            num_threads = session.get_function("runtime.NumThreads")
-            where = "rpc"
-        if not threads:
-            # "All cores" by default: on x86 TVM would otherwise halve the count to skip
-            # hyper-threads, even where there are none. On a device: the description's core
-            # count, else the target's num-cores (tuning records carry no thread count).
-            cores = meta["device"].get("report", {}).get("cores")
-            if not isinstance(cores, int):
-                cores = target_cores(meta["target"])
-            threads = (os.cpu_count() or 1) if session is None else (cores or 0)
-        if threads:
-            config(1, int(threads))
-        vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
-        outputs = vm(inputs)
-        lat = vm.time_ms(inputs, repeat, warmup)
-        used = int(num_threads())
-    return RunResult(outputs=outputs, latencies_ms=lat, meta=meta, device=where, threads=used)
+
+@dataclass
+class LoadedModel:
+    """An artifact's library loaded here or on a device: its VM, where, with how many threads."""
+
+    vm: ModelVM
+    where: str  # "local" or "rpc"
+    threads: int
+    info: dict[str, Any]  # what the device says it is (deploy.session.device_info)
+
+
+def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=None,
+                  threads: int | None = None) -> LoadedModel:
+    """Load an unpacked artifact's library (``read_artifact``) here, or upload and load it on
+    the device behind ``session``, and size the runtime's thread pool."""
+    import tvm
+
+    lib_path = Path(lib_path)
+    kind = meta["device"]["kind"]
+    if session is None:
+        _check_runs_here(meta)
+        if meta.get("vta"):  # offloaded layers call the accelerator's driver function (simulated)
+            from .vta.runtime import register
+
+            register()
+        # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
+        # x86, to skip hyper-threads even where there are none): set it before first use.
+        os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
+        lib = tvm.runtime.load_module(str(lib_path))
+        dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+        config = tvm.get_global_func("runtime.config_threadpool")
+        num_threads = tvm.get_global_func("runtime.NumThreads")
+        where = "local"
+        info = {"kind": "hardware", "arch": arch_of_target(meta["target"]), "reported": True}
+    else:
+        from .deploy.session import device_info
+
+        info = device_info(session)
+        _check_runs_there(meta, info)
+        if meta.get("vta"):
+            _check_vta_device(session, meta)
+        # A fresh name per upload: the device's dlopen hands back an already loaded
+        # library for a path it has seen, so a second artifact in one session would
+        # silently run the first one's code.
+        remote_name = f"tvmedge-{uuid.uuid4().hex[:12]}{lib_path.suffix}"
+        session.upload(str(lib_path), target=remote_name)
+        lib = session.load_module(remote_name)
+        dev = session.cuda(0) if kind == "cuda" else session.cpu(0)
+        config = session.get_function("runtime.config_threadpool")
+        num_threads = session.get_function("runtime.NumThreads")
+        where = "rpc"
+    if not threads:
+        # "All cores" by default: on x86 TVM would otherwise halve the count to skip
+        # hyper-threads, even where there are none. On a device: the description's core
+        # count, else the target's num-cores (tuning records carry no thread count).
+        cores = meta["device"].get("report", {}).get("cores")
+        if not isinstance(cores, int):
+            cores = target_cores(meta["target"])
+        threads = (os.cpu_count() or 1) if session is None else (cores or 0)
+    if threads:
+        config(1, int(threads))
+    vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
+    return LoadedModel(vm=vm, where=where, threads=int(num_threads()), info=info)
 
 
 def _check_vta_device(session, meta: dict[str, Any]) -> None:
@@ -186,6 +221,17 @@ def _check_runs_here(meta: dict[str, Any]) -> None:
     if arch != here:
         raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), this machine is {here}: "
                            "run it on the device with --rpc-tracker/--rpc-key or --rpc-host")
+
+
+def _check_runs_there(meta: dict[str, Any], info: dict[str, Any]) -> None:
+    """Refuse, before uploading, an artifact built for another CPU than the device's (when
+    the device says which; a server tvmedge did not start does not)."""
+    there = info.get("arch")
+    arch = arch_of_target(meta["target"])
+    if there and arch != there:
+        raise TvmedgeError(f"artifact was built for {arch} ({meta['device']['name']}), the device is {there}"
+                           f"{' (' + info['board'] + ')' if info.get('board') else ''}: compile it with "
+                           "--target for that device")
 
 
 def save_outputs(path: str | os.PathLike, result: RunResult) -> None:

@@ -11,10 +11,12 @@ import time
 
 import numpy as np
 
+from ..core.schema import latency_block
+
 
 def summarize(lat_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(lat_ms)
-    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "min": float(a.min())}
+    """The schema's latency block (ms)."""
+    return latency_block(lat_ms)
 
 
 def onnxruntime_latency(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarray], threads: int,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import sys
 import time
 
+from ..core.jsonio import dumps
+from ..core.schema import envelope
 from ..devices import accelerators, emulated
 from ..core.errors import TvmedgeError
 from .address import parse_host_port, public_host
@@ -69,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def start():
         return start_server(tracker=tracker, key=args.key, host=args.host, port=args.port,
-                            load_library=args.load_library)
+                            load_library=args.load_library, device_info={"kind": "hardware"})
 
     srv = start()
     where = f"registered with tracker {tracker[0]}:{tracker[1]} as '{args.key}'" if tracker else "no tracker"
@@ -113,7 +114,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     tracker = parse_host_port(args.rpc_tracker)
     devices = list_devices(tracker)
     if args.json:
-        print(json.dumps(devices))
+        print(dumps(envelope("device list", {"items": devices})))
         return 0
     if not devices:
         print(f"no devices registered at {tracker[0]}:{tracker[1]}")

@@ -125,7 +125,9 @@ class EmulatedDevice:
         try:
             return start_server(self.tracker, self.key, host=self.host, port=self._requested_port,
                                 load_library=[str(self.sysroot.runtime_extra_lib)], env=env,
-                                python=str(self._wrapper), timeout=self.timeout)
+                                python=str(self._wrapper), timeout=self.timeout,
+                                device_info={"kind": "emulated", "board": self.kind,
+                                             "emulator": f"{self.board.qemu} -cpu {self.board.cpu}"})
         except TvmedgeError as e:
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
 

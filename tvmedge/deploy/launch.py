@@ -17,6 +17,7 @@ or fail with the process log's last line. What they add to TVM's own commands:
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -249,9 +250,28 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, *, timeout: 
                 raise
 
 
+# What a server started by tvmedge says about itself. TVM's server runs in a worker process
+# (PopenWorker) whose sessions are forked from it; its ``server_init_callback`` runs in that
+# worker, so it registers there a global function the sessions answer remote calls with.
+# This runs under the board's own Python (runtime-only TVM): standard library and tvm only.
+DEVICE_INFO_FUNC = "tvmedge.device_info"
+_BOOT = (
+    "import functools, json, platform, runpy, sys\n"
+    "info = json.loads(sys.argv[1]); info.setdefault('arch', platform.machine())\n"
+    "def register(text=json.dumps(info)):\n"
+    "    import tvm_ffi\n"
+    f"    tvm_ffi.register_global_func({DEVICE_INFO_FUNC!r}, lambda: text, override=True)\n"
+    "import tvm.rpc\n"
+    "tvm.rpc.Server = functools.partial(tvm.rpc.Server, server_init_callback=register)\n"
+    "mod = sys.argv[2]; sys.argv = [mod] + sys.argv[3:]\n"
+    "runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+)
+
+
 def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.1", port: int | None = None,
                  load_library: Sequence[str] | None = None, env: Mapping[str, str | None] | None = None,
-                 python: str | None = None, *, custom_addr: str | None = None, timeout: float = 60.0) -> Server:
+                 python: str | None = None, *, custom_addr: str | None = None, timeout: float = 60.0,
+                 device_info: Mapping[str, Any] | None = None) -> Server:
     """Start ``python -m tvm.exec.rpc_server`` and wait until it is ready.
 
     With a ``tracker``, the server registers there under ``key`` and this returns once the
@@ -260,6 +280,9 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     libraries the server loads into each session (``--load-library``). ``env``: variables
     to set (``None`` removes one) on top of this process's environment. ``python``: the
     interpreter to run it with (default: this one), e.g. a wrapper that runs an emulator.
+    ``device_info``: what the device is (``{"kind": "emulated", "board": "pi4", ...}``); its
+    sessions then answer :data:`DEVICE_INFO_FUNC` with it as JSON, ``arch`` added
+    (:func:`tvmedge.deploy.session.device_info` reads it).
     """
     if not key or any(c.isspace() for c in key) or ":" in key:
         raise TvmedgeError(f"invalid RPC key '{key}' (use a non-empty name without spaces or ':')")
@@ -273,7 +296,9 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     while True:
         attempts += 1
         p = port or ephemeral_port(host)
-        argv = [python or sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(p),
+        launcher = (["-c", _BOOT, json.dumps(dict(device_info)), "tvm.exec.rpc_server"] if device_info is not None
+                    else ["-m", "tvm.exec.rpc_server"])
+        argv = [python or sys.executable, *launcher, "--host", host, "--port", str(p),
                 "--port-end", str(p + 1), "--key", key]
         if tracker is not None:
             argv += ["--tracker", f"{tracker[0]}:{tracker[1]}"]  # TVM splits at the last ':'; no brackets

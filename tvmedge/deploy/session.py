@@ -100,3 +100,25 @@ def connect(tracker: HostPort | str | None = None, key: str | None = None,
             if time.monotonic() > deadline:
                 break
     raise TvmedgeError(f"could not open a session on a '{key}' device via RPC tracker {where}: {last_error}")
+
+
+def device_info(session: Any) -> dict[str, Any]:
+    """What the device behind ``session`` says it is.
+
+    A server started by tvmedge (``device emulate``, ``device serve``, the local ones tune
+    starts) answers with ``kind`` (``hardware``/``emulated``/``simulated``), ``arch`` and, for
+    an emulator, ``board`` and ``emulator``; ``"reported": True``. Any other TVM RPC server
+    (a board running plain ``python -m tvm.exec.rpc_server``) says nothing: ``kind``
+    ``hardware``, ``arch`` None, ``"reported": False``.
+    """
+    import json
+
+    from .launch import DEVICE_INFO_FUNC
+
+    try:
+        info = json.loads(str(session.get_function(DEVICE_INFO_FUNC)()))
+    except Exception:  # noqa: BLE001 - not registered there: a server tvmedge did not start
+        return {"kind": "hardware", "arch": None, "reported": False}
+    if not isinstance(info, dict) or info.get("kind") not in ("hardware", "emulated", "simulated"):
+        return {"kind": "hardware", "arch": None, "reported": False}
+    return {**info, "reported": True}

@@ -23,6 +23,8 @@ import os
 
 from threadpoolctl import threadpool_info
 
+from ..core.schema import host_cpu
+
 _machine_cache: dict | None = None
 
 
@@ -97,6 +99,7 @@ def machine_info() -> dict:
         "cores": cores,
         "threads": threads,
         "blas_threads": _blas_threads(),
+        "cpu": host_cpu(),
         "clock_ghz_cpuinfo": ghz_info,
         "clock_ghz_measured": ghz_meas,
         "clock_ghz_used": ghz,
@@ -107,7 +110,7 @@ def machine_info() -> dict:
                         f"= {peak:.0f} GOP/s",
         "mix_bound_gops": peak * 2 / 3 if vpop else None,
         "mix_bound_note": "xor+popcnt+add on 4x256-bit pipes: 1.5 cycles per 512-bit pair "
-                          "(Zen 4), 2/3 of the popcount peak" if vpop else None,
+                          "(as on Zen 4), 2/3 of the popcount peak" if vpop else None,
         "mem_bw_gbs": _stream_triad_gbs(),
         "mem_bw_source": "STREAM-style triad, 3 x 64 MiB float64, numba prange, 24 B/element",
     }

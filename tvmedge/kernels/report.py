@@ -13,6 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from ..core.jsonio import dumps
+from ..core.schema import device_block, envelope
 from ..core.progress import console as make_console
 
 MARKERS = {"numpy_fp32": "s", "numba": "o", "opencl": "^", "cupy": "D", "tvm": "v"}
@@ -22,7 +23,7 @@ def print_table(result: dict, console: Any = None) -> None:
     """Rich table of one bench result, with the peak model underneath."""
     console = console or make_console()
     m = result["machine"]
-    t = Table(title=f"{result['kernel']}: median of {result['repeat']} samples")
+    t = Table(title=f"{result['kernel']} on {m.get('cpu', 'this CPU')}: median of {result['repeat']} samples")
     for col in ("shape", "backend", "median ms", "p10-p90 ms", "GOP/s", "x numpy fp32",
                 "% peak", "exact", "kernel ms"):
         t.add_column(col, justify="left" if col in ("shape", "backend") else "right")
@@ -30,8 +31,8 @@ def print_table(result: dict, console: Any = None) -> None:
         if r["status"] != "ok":
             t.add_row(r["shape"], r["backend"], "error", r.get("reason", "")[:60], "", "", "", "", "")
             continue
-        t.add_row(r["shape"], r["backend"], f"{r['median_ms']:.3f}",
-                  f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['gops']:.0f}",
+        t.add_row(r["shape"], r["backend"], f"{r['latency_ms']['median']:.3f}",
+                  f"{r['p10_ms']:.3f}-{r['latency_ms']['p90']:.3f}", f"{r['gops']:.0f}",
                   f"{r['speedup_vs_numpy_fp32']:.1f}",
                   "" if r["frac_peak"] is None else f"{100 * r['frac_peak']:.0f}%",
                   "" if r["verified"] is None else ("yes" if r["verified"] else "NO"),
@@ -88,5 +89,5 @@ def plot_roofline(results: dict | list[dict], path: str) -> str:
 
 
 def to_json(result: dict) -> str:
-    """One bench result as one line of strict JSON (as every ``--json`` prints)."""
-    return dumps(result)
+    """One bench result as one line of strict JSON in the tvmedge/1 schema (as every ``--json`` prints)."""
+    return dumps(envelope("kernels bench", {**result, "device": device_block("host", "host", cpu=result["machine"].get("cpu"))}))

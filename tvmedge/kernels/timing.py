@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import workload
+from ..core.schema import latency_block
 from .machine import machine_info
 from .probe import usable_backends
 
@@ -40,10 +41,8 @@ def time_call(fn: Callable[[], Any], repeat: int, warmup: int) -> np.ndarray:
 
 
 def _stats(samples: np.ndarray) -> dict:
-    return {"median_ms": float(np.median(samples) * 1e3),
-            "p10_ms": float(np.percentile(samples, 10) * 1e3),
-            "p90_ms": float(np.percentile(samples, 90) * 1e3),
-            "samples": int(samples.size)}
+    return {"latency_ms": latency_block(samples * 1e3),
+            "p10_ms": float(np.percentile(samples, 10) * 1e3)}
 
 
 def run_bench(kernel: str, backends: list[str], shapes: list, repeat: int = 10,
@@ -65,7 +64,7 @@ def run_bench(kernel: str, backends: list[str], shapes: list, repeat: int = 10,
         d = workload.make_inputs(kernel, s, rng)
         ops = workload.op_count(kernel, s)
         base = _stats(time_call(workload.fp32_baseline(kernel, s, d), repeat, warmup))
-        base_s = base["median_ms"] / 1e3
+        base_s = base["latency_ms"]["median"] / 1e3
         rows.append({"shape": s["name"], "backend": "numpy_fp32", "status": "ok", **base,
                      "gops": ops / base_s / 1e9, "speedup_vs_numpy_fp32": 1.0,
                      "frac_peak": None, "intensity": ops / workload.fp32_bytes(kernel, s),
@@ -80,7 +79,7 @@ def run_bench(kernel: str, backends: list[str], shapes: list, repeat: int = 10,
                              "reason": f"{type(e).__name__}: {e}"})
                 continue
             kt = mod.last_kernel_seconds()
-            sec = st["median_ms"] / 1e3
+            sec = st["latency_ms"]["median"] / 1e3
             rows.append({"shape": s["name"], "backend": name, "status": "ok", **st,
                          "gops": ops / sec / 1e9, "speedup_vs_numpy_fp32": base_s / sec,
                          "frac_peak": (ops / sec / 1e9) / peak if mod.on_cpu() else None,

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.errors import TvmedgeError
 from ..core.jsonio import dumps
+from ..core.schema import envelope
 from ..core.model import ImportedModel
 from ..core.progress import Reporter
 from ..core.progress import console as make_console
@@ -138,7 +139,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report.update(model=os.path.basename(args.model), output=args.output,
                   bytes_before=os.path.getsize(args.model), bytes_after=os.path.getsize(args.output))
     if args.json:
-        print(dumps(report))
+        print(dumps(envelope("optimize", report)))
     else:
         print_report(report)
         print(f"wrote {args.output}")

@@ -9,7 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import TvmedgeError
 from ..core.jsonio import dumps
+from ..core.schema import device_block, envelope, kind_label, latency_block
 from ..core.progress import console as make_console
 
 
@@ -25,12 +27,15 @@ def run_tune(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
+    if args.tracker_port is not None and args.rpc_tracker:
+        raise TvmedgeError("--tracker-port is the port of the local tracker tune starts without --rpc-tracker: "
+                           "give one or the other")
     if device.accelerator is not None:  # a VTA target: the timing model measures (tvmedge.vta.tune)
         return _tune_vta(args, model, device, console)
     with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
-                     log=lambda m: console.print(m, markup=False)) as pool:
+                     log=lambda m: console.print(m, markup=False), tracker_port=args.tracker_port) as pool:
         report = tune_model(model, device, args.tuning_db, TuneOptions(args.trials, resume=args.resume), pool,
-                            progress=not args.json)
+                            progress=not args.json, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
         if not args.no_compare:
             with tempfile.TemporaryDirectory(prefix="tvmedge-tune-") as tmp:
                 tuned = measure_model(model, device, pool, args.tuning_db, args.repeat, Path(tmp), "tuned")
@@ -48,10 +53,13 @@ def run_tune(args: argparse.Namespace) -> int:
                     report["emulated"])
             report["tuned_slower_than_default"] = report["end_to_end"]["faster"] == "default"
             report["onnxruntime_ms"] = _onnxruntime_here(args.model, model, device, tuned["outputs"], report)
+        report["device"] = device_block(device.name, device.target_json, pool.kind, via="rpc", key=pool.key,
+                                        **{k: v for k, v in pool.info.items()
+                                           if k in ("board", "emulator", "arch", "reported") and v is not None})
     if args.json:
-        print(dumps(report))
+        print(dumps(to_schema(report)))
         return 0
-    tag = " (emulated)" if report["emulated"] else ""
+    tag = kind_label(report["device"]["kind"])
     table = Table(title=f"tasks of {report['model']} on {device.name}{tag}")
     for col in ("task", "weight", "MFLOP", "trials", "best us", "GFLOP/s", "status"):
         table.add_column(col, justify="left" if col in ("task", "status") else "right")
@@ -60,12 +68,16 @@ def run_tune(args: argparse.Namespace) -> int:
                       f"{t['best_us']:.1f}" if t["best_us"] else "-", f"{t['gflops']:.1f}" if t["gflops"] else "-",
                       t["status"])
     console.print(table)
-    reused = sum(t["status"] == "reused" for t in report["tasks"])
-    converged = sum(t["status"] == "converged" for t in report["tasks"])
-    console.print(f"budget {report['trials_budget']} trials: {report['trials_run']} run in {report['tuning_seconds']:.0f}s "
-                  f"({report['trials_per_iter']} per round), {reused} task(s) reused from the database, "
-                  f"{converged} stopped early (converged); measured on {report['devices_used']} of "
-                  f"{report['devices_available']} device(s) under key '{pool.key}'{tag}")
+    count = {s: sum(t["status"] == s for t in report["tasks"]) for s in ("reused", "converged", "no trials")}
+    over = report["trials_run"] - report["trials_budget"]
+    console.print(f"budget {report['trials_budget']} trials: {report['trials_run']} measured"
+                  + (f" ({over} past the budget: MetaSchedule finishes the round it started)" if over > 0 else "")
+                  + f" in {report['tuning_seconds']:.0f}s ({report['trials_per_iter']} per round); of "
+                  f"{len(report['tasks'])} tasks {count['reused']} reused from the database, {count['converged']} "
+                  f"stopped early (converged), {count['no trials']} got no trials (default schedules); measured on "
+                  f"{report['devices_used']} of {report['devices_available']} device(s) under key '{pool.key}'{tag}")
+    for line in report.get("warnings", []):
+        print(f"warning: {line}", file=sys.stderr)
     if "latency_ms" in report:
         lat = report["latency_ms"]
         ort = report.get("onnxruntime_ms")
@@ -80,6 +92,20 @@ def run_tune(args: argparse.Namespace) -> int:
                   f"--tuning-db {args.tuning_db}` will use the default schedules for this model (tune longer, "
                   "then this is measured again)", file=sys.stderr)
     return 0
+
+
+def to_schema(report: dict[str, Any]) -> dict[str, Any]:
+    """The tune report as the tvmedge/1 schema: the tuned model's latency as ``latency_ms``,
+    untuned and ONNX Runtime under ``baselines`` (ORT ran on this host: its own device block)."""
+    out = {k: v for k, v in report.items() if k not in ("latency_ms", "onnxruntime_ms", "emulated")}
+    if "latency_ms" in report:
+        out["latency_ms"] = latency_block(report["latency_ms"]["tuned"])
+        ort = report.get("onnxruntime_ms")
+        out["baselines"] = {
+            "untuned": {"latency_ms": latency_block(report["latency_ms"]["untuned"])},
+            "onnxruntime": None if not ort else {"latency_ms": latency_block(ort),
+                                                  "device": device_block("host", "host", via="local")}}
+    return envelope("tune", out)
 
 
 def _ab(tuned: dict[str, Any], untuned: dict[str, Any], pool, repeat: int, rounds: int = 3):
@@ -137,13 +163,18 @@ def _tune_vta(args: argparse.Namespace, model: Any, device: Any, console: Any) -
 def register_cli(sub) -> None:
     p = sub.add_parser("tune", help="autotune a model on its device over RPC (MetaSchedule)")
     p.add_argument("model")
-    p.add_argument("--target", default="host")
+    p.add_argument("--target", default="host",
+                   help="device name (targets/), TVM tag or JSON target (default host: this machine)")
     p.add_argument("--tuning-db", required=True, metavar="DIR", help="tuning database directory (created, reused, resumed)")
     p.add_argument("--trials", type=int, default=256, help="trial budget for the model (default 256)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="tracker of the real devices (default: start a local one)")
     p.add_argument("--rpc-key", metavar="KEY", help="device key (default: the target's)")
+    p.add_argument("--tracker-port", type=int, default=None, metavar="PORT",
+                   help="without --rpc-tracker: the port of the local tracker tune starts "
+                        "(default: the first free one of 9190-9199)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
-    p.add_argument("--emulated", action="store_true", help="the devices behind --rpc-tracker are emulated (label timings)")
+    p.add_argument("--emulated", action="store_true", help="label the devices behind --rpc-tracker emulated even if they do not say so "
+                        "(boards from `tvmedge device emulate` say so themselves)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs for the end-to-end comparison")
     p.add_argument("--no-compare", action="store_true", help="skip the tuned/untuned/ONNX Runtime comparison")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")

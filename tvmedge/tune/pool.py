@@ -13,14 +13,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..core.errors import TvmedgeError
 from ..deploy.address import parse_host_port
 from ..deploy.launch import start_server, start_tracker
-from ..deploy.session import connect
+from ..deploy.session import connect, device_info
 from ..deploy.tracker import list_devices
 
 
@@ -32,6 +32,12 @@ class DevicePool:
     key: str
     free: int = 1
     emulated: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # what the device said it is (deploy.session.device_info)
+
+    @property
+    def kind(self) -> str:
+        """hardware | emulated | simulated (``emulated=True`` from the user wins over what the device says)."""
+        return "emulated" if self.emulated else str(self.info.get("kind", "hardware"))
 
     def alive(self, polls: int = 6, interval_s: float = 1.0) -> bool:
         """Whether a server is still registered under the key (a few polls, to ride out a reconnect)."""
@@ -52,7 +58,8 @@ class DevicePool:
 
 @contextlib.contextmanager
 def device_pool(device: Any, tracker: str | None = None, key: str | None = None, emulated: bool = False,
-                log: Callable[[str], Any] = print, threads: int | None = None) -> Iterator[DevicePool]:
+                log: Callable[[str], Any] = print, threads: int | None = None,
+                tracker_port: int | None = None) -> Iterator[DevicePool]:
     """The devices to tune and run on, for the duration of the ``with`` block.
 
     With ``tracker`` (``HOST:PORT``, the CLI's ``--rpc-tracker``) the user's devices are
@@ -60,7 +67,9 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     tvmedge starts a tracker on loopback and one server: a local one for a host target, an
     emulated device (qemu) for a target that has an emulator, and stops them afterwards.
     ``threads``: the local server's thread pool (candidates are timed with it); default all
-    cores.
+    cores. ``tracker_port``: the local tracker's port (default: the first free one of 9190-9199).
+    With ``tracker``, one session asks a device what it is: an emulated board (``tvmedge device
+    emulate``) says so, and the pool is then labelled emulated whatever ``emulated`` says.
     """
     key = key or device.rpc_key or device.name
     if tracker:
@@ -69,13 +78,19 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
         if free == 0:
             raise TvmedgeError(f"no free device under key '{key}' at tracker {addr[0]}:{addr[1]} "
                                f"(start one with `tvmedge device serve --tracker {addr[0]}:{addr[1]} --key {key}`)")
-        yield DevicePool(addr, key, free, emulated)
+        sess = connect(tracker=addr, key=key, timeout=120)
+        info = device_info(sess)
+        del sess  # free the device for the tuner
+        if info.get("kind") == "emulated" and not emulated:
+            log(f"[tvmedge] the devices under key '{key}' say they are EMULATED "
+                f"({info.get('emulator') or info.get('board')}): timings are labelled so")
+        yield DevicePool(addr, key, free, emulated or info.get("kind") == "emulated", info)
         return
     from ..run import arch_of_target
     from ..target import host_target_dict
 
     with contextlib.ExitStack() as stack:
-        tr = start_tracker()
+        tr = start_tracker(port=tracker_port)
         stack.callback(tr.stop)
         native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
         if device.device == "cpu" and native:
@@ -85,16 +100,17 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
             tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
             stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
             srv = start_server(tracker=(tr.host, tr.port), key=key,
-                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
+                                   env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir},
+                                   device_info={"kind": "hardware"})
             stack.callback(srv.stop)
-            yield DevicePool((tr.host, tr.port), key, 1, False)
+            yield DevicePool((tr.host, tr.port), key, 1, False, {"kind": "hardware"})
         elif device.emulator:
             from ..deploy.emulate import EmulatedDevice
 
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + an EMULATED {device.name} (qemu); "
                 "its timings are not the real device's")
             stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
-            yield DevicePool((tr.host, tr.port), key, 1, True)
+            yield DevicePool((tr.host, tr.port), key, 1, True, {"kind": "emulated", "board": device.name})
         else:
             raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
                                "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")

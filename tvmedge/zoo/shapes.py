@@ -33,6 +33,18 @@ CLASS_NAMES = ("background", "circle", "square", "triangle")
 SPLITS = {"train": (0, 6000), "calib": (0, 256), "eval": (1, 256)}  # split: (seed, samples)
 
 
+def shape_mask(cls: int, cx: float, cy: float, r: float, xx: np.ndarray, yy: np.ndarray,
+               flip: int = 1) -> np.ndarray:
+    """Pixels of a shape of class ``cls`` (1 circle, 2 square, 3 triangle; ``flip`` -1 turns
+    the triangle upside down) centred at (cx, cy) with size ``r``, on the grid ``xx``, ``yy``."""
+    if cls == 1:
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if cls == 2:
+        return (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+    dy = (yy - cy) * flip  # upright or inverted isosceles triangle
+    return (dy <= r * 0.8) & (dy >= -r) & (np.abs(xx - cx) <= (dy + r) * 0.55)
+
+
 def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     # background: gradient between two colours + oriented stripes + pixel noise
@@ -48,15 +60,8 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         cls = int(rng.integers(1, NUM_CLASSES))
         r = rng.uniform(6, 14)
         cx, cy = rng.uniform(r, SIZE - r), rng.uniform(r, SIZE - r)
-        if cls == 1:
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-        elif cls == 2:
-            mask = (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
-        else:
-            # upright or inverted isosceles triangle
-            flip = 1 if rng.random() < 0.5 else -1
-            dy = (yy - cy) * flip
-            mask = (dy <= r * 0.8) & (dy >= -r) & (np.abs(xx - cx) <= (dy + r) * 0.55)
+        flip = (1 if rng.random() < 0.5 else -1) if cls == 3 else 1
+        mask = shape_mask(cls, cx, cy, r, xx, yy, flip)
         colour = rng.uniform(0, 1, 3)
         # keep the shape visible against the local background
         while np.abs(colour - img[:, mask].mean(axis=1)).max() < 0.3:
@@ -65,6 +70,46 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         label[mask] = cls
     img = img + rng.normal(0, rng.uniform(0.02, 0.08), img.shape)
     return img.clip(0, 1).astype(np.float32), label
+
+
+def moving_clip(frames: int = 48, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A clip of shapes moving over a scene like the training ones, and its ground truth:
+    (rgb uint8 [N,size,size,3], labels int64 [N,size,size]). Three shapes (one per class) of
+    the training sizes, scaled by ``size / 64``, drift at constant speed and bounce off the edges."""
+    rng = np.random.default_rng(seed + 2000)
+    scale = size / SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    ang = rng.uniform(0, np.pi)
+    t = ((np.cos(ang) * xx + np.sin(ang) * yy) / (size * 1.5) + 0.5).clip(0, 1)
+    bg = c0[:, None, None] * (1 - t) + c1[:, None, None] * t
+    freq, phase, sang = rng.uniform(0.2, 0.8) / scale, rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+    bg = bg + 0.08 * np.sin(freq * (np.cos(sang) * xx + np.sin(sang) * yy) + phase)[None]
+    shapes = []
+    for cls in (1, 2, 3):
+        r = rng.uniform(8, 13) * scale
+        pos = rng.uniform(r, size - r, 2)
+        vel = rng.uniform(0.8, 2.0, 2) * scale * rng.choice([-1, 1], 2)
+        colour = rng.uniform(0, 1, 3)
+        while np.abs(colour - bg.mean(axis=(1, 2))).max() < 0.4:
+            colour = rng.uniform(0, 1, 3)
+        shapes.append([cls, r, pos, vel, colour])
+    imgs, labels = [], []
+    for _ in range(frames):
+        img, label = bg.copy(), np.zeros((size, size), np.int64)
+        for cls, r, pos, vel, colour in shapes:
+            mask = shape_mask(cls, pos[0], pos[1], r, xx, yy)
+            img[:, mask] = colour[:, None]
+            label[mask] = cls
+            pos += vel
+            for k in range(2):  # bounce
+                if not r <= pos[k] <= size - r:
+                    vel[k] = -vel[k]
+                    pos[k] = np.clip(pos[k], r, size - r)
+        img = img + rng.normal(0, 0.03, img.shape)
+        imgs.append((img.clip(0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        labels.append(label)
+    return np.stack(imgs), np.stack(labels)
 
 
 def dataset(split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
