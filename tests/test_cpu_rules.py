@@ -270,3 +270,14 @@ def test_batchnorm_of_a_pt2_model_is_folded_into_the_conv(tmp_path):
     out = (out if hasattr(out, "numpy") else out[0]).numpy()
     ref = net(x).detach().numpy()
     assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_channel_padding_takes_counts_vectors_do_not_fit():
+    from tvmedge.lower.chanpad import padded_channels
+
+    # ShuffleNet's counts go to whole vectors; those half vectors fit stay (EfficientNet's 24/40,
+    # MobileNetV3's 72/120); counts not even 4 lanes fit (low-rank's ranks) go to a multiple of 4
+    # at least, whatever the growth, since scalar code is 4-16x slower.
+    assert [padded_channels(c, 16) for c in (58, 116, 24, 40, 72, 120, 440, 20)] == [64, 128, None, None, None, None, None, None]
+    assert [padded_channels(c, 16) for c in (18, 17, 23, 35, 10, 5, 3)] == [24, 20, 24, 40, 12, 8, None]
+    assert [padded_channels(c, 4) for c in (58, 18, 16, 12)] == [60, 20, None, None]

@@ -51,14 +51,25 @@ _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
 
 
 def padded_channels(c: int, lanes: int) -> int | None:
-    """The channel count to pad ``c`` to, or None to leave it (a multiple of ``lanes``, below
-    one vector, or growing by more than :data:`MAX_GROWTH`)."""
-    if lanes <= 1 or c < lanes or c % lanes == 0:
+    """The channel count to pad ``c`` to, or None to leave it.
+
+    Counts that whole or half vectors fit are left alone, as are those below one vector that
+    quarter vectors (4 lanes) fit. Others go to the next multiple of whole, half or quarter
+    vectors that grows them by at most :data:`MAX_GROWTH`. A count that not even 4 lanes fit
+    (17, 18, 23: what low-rank factorization chooses) would run as scalar code, 4-16x slower
+    than vectors: it is padded to a multiple of 4 whatever the growth."""
+    if lanes <= 1 or c < 4 or c % lanes == 0:
         return None
-    cp = -(-c // lanes) * lanes
-    if c % max(lanes // 2, 1) == 0:  # half vectors already fit (see the module's docstring)
+    if c % 4 == 0 and (c < lanes or c % max(lanes // 2, 4) == 0):  # see the module's docstring
         return None
-    return cp if cp <= MAX_GROWTH * c else None
+    for m in (lanes, lanes // 2, lanes // 4):
+        if m >= 4 and c > m:
+            cp = -(-c // m) * m
+            if cp <= MAX_GROWTH * c:
+                return cp
+            if c % 4 == 0:  # 4-lane vectors fit already: only whole vectors are worth the growth
+                return None
+    return -(-c // 4) * 4 if c % 4 else None
 
 
 @mutator
