@@ -266,6 +266,7 @@ def test_zoo_export_tflite_compiles(tmp_path):
     cli("zoo", "export", "digits-cnn", "-o", str(tmp_path / "d.tflite"), check=True)
     meta = json.loads(cli("compile", str(tmp_path / "d.tflite"), "-o", str(tmp_path / "t.tar"), "--json",
                           check=True).stdout)
+    validate(meta)
     assert meta["inputs"][0]["shape"] == [1, 8, 8, 1]  # TFLite is NHWC
     line = one_line_error(cli("zoo", "export", "resnet18", "-o", str(tmp_path / "r.tflite")))
     assert "TFLite" in line and not (tmp_path / "r.tflite").exists()

@@ -18,6 +18,7 @@ import torch
 
 from tvmedge import zoo
 from tvmedge.core.errors import TvmedgeError
+from tvmedge.core.schema import validate
 from tvmedge.core.model import save_relax
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
@@ -231,6 +232,7 @@ def test_cli_optimize_compile_run(digits):
     proc = cli("optimize", str(digits["path"]), "-o", str(out), "--quantize", "int8", "--calib", "digits",
                "--eval", "digits", "--json")
     report = json.loads(proc.stdout)
+    validate(report)
     rep = report["rewrites"][-1]
     assert rep["rewrite"] == "int8" and len(rep["layers"]) == 5
     assert report["check"]["drop_points"] <= 1.0
