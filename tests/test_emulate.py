@@ -276,3 +276,13 @@ def test_pi4_says_it_is_emulated_and_every_run_is_labelled(pi4, tracker, tmp_pat
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(err) == 1, proc.stderr
     assert "x86_64" in err[0] and "aarch64" in err[0] and "RPCError" not in err[0]
+
+
+def test_tune_reads_the_board_kind_without_the_flag(pi4, tracker):
+    """`tune --rpc-tracker` (its DevicePool) asks the board: emulated, without --emulated."""
+    from tvmedge.deploy.address import format_host_port
+    from tvmedge.target import resolve
+    from tvmedge.tune.pool import device_pool
+
+    with device_pool(resolve("pi4"), format_host_port(tracker.addr), KEY, log=lambda m: None) as pool:
+        assert pool.kind == "emulated" and pool.emulated and pool.info["board"] == "pi4"
