@@ -62,3 +62,15 @@ def test_optimize_report_gives_metrics_in_percent():
 @pytest.mark.parametrize("kind,label", [("hardware", ""), ("emulated", " (emulated)"), ("simulated", " (simulated)")])
 def test_kind_labels(kind, label):
     assert kind_label(kind) == label
+
+
+def test_lowrank_flops_report_prints_the_total_ratio_and_energy():
+    from tvmedge.optimize.cli import print_report
+
+    out = io.StringIO()
+    print_report({"rewrites": [{"rewrite": "lowrank", "layers": [], "skipped": [{"layer": "conv2d_1", "reason": "1 input channel"}],
+                                "energy": 0.93, "model_flops_before": 40e6, "model_flops_after": 21e6, "flops_ratio": 0.5}],
+                  "check": {"samples": 4, "max_abs": 0.1, "max_rel": 0.01}}, out=out)
+    text = out.getvalue()
+    assert "kept spectral energy 0.93" in text and "ratio 0.525" in text and "asked 0.5" in text
+    assert text.count("skipped conv2d_1") == 1  # each skipped layer once
