@@ -248,3 +248,41 @@ def test_pi4_comes_back_after_a_crashing_session(pi4, tracker, tmp_path):
     _cross_build(mod, tvm.target.Target("raspberry-pi/4b-aarch64"), tmp_path / "mm.so")
     out, _, _ = _run_remote(connect(tracker=tracker.addr, key=KEY, timeout=120), tmp_path / "mm.so", args)
     assert rel_err(out, ref) < 1e-4
+
+
+def test_pi4_says_it_is_emulated_and_every_run_is_labelled(pi4, tracker, tmp_path):
+    """A board from `device emulate` says what it is: `run` labels its figures in text and
+    JSON without being told, and an artifact for another CPU is refused before upload."""
+    import json
+
+    from conftest import run_cli
+    from tvmedge import zoo
+    from tvmedge.core.schema import validate
+    from tvmedge.deploy.address import format_host_port
+
+    onnx = zoo.export("digits-cnn", tmp_path / "d.onnx")
+    run_cli("compile", str(onnx), "--target", "pi4", "-o", str(tmp_path / "pi4.tar"), check=True)
+    where = ["--rpc-tracker", format_host_port(tracker.addr), "--rpc-key", KEY, "--repeat", "2"]
+    info = json.loads(run_cli("run", str(tmp_path / "pi4.tar"), *where, "--json", check=True).stdout)
+    validate(info)
+    dev = info["device"]
+    assert dev["kind"] == "emulated" and dev["board"] == "pi4" and dev["arch"] == "aarch64" and dev["reported"]
+    assert "cortex-a72" in dev["emulator"]
+    text = run_cli("run", str(tmp_path / "pi4.tar"), *where, check=True).stdout
+    assert "(emulated)" in text.splitlines()[0] and "not the real device's" in text
+
+    run_cli("compile", str(onnx), "-o", str(tmp_path / "host.tar"), check=True)
+    proc = run_cli("run", str(tmp_path / "host.tar"), *where)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert "x86_64" in err[0] and "aarch64" in err[0] and "RPCError" not in err[0]
+
+
+def test_tune_reads_the_board_kind_without_the_flag(pi4, tracker):
+    """`tune --rpc-tracker` (its DevicePool) asks the board: emulated, without --emulated."""
+    from tvmedge.deploy.address import format_host_port
+    from tvmedge.target import resolve
+    from tvmedge.tune.pool import device_pool
+
+    with device_pool(resolve("pi4"), format_host_port(tracker.addr), KEY, log=lambda m: None) as pool:
+        assert pool.kind == "emulated" and pool.emulated and pool.info["board"] == "pi4"

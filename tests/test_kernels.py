@@ -229,6 +229,10 @@ def test_cli_kernels_bench_json(capsys):
                "--repeat", "1", "--warmup", "0", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["kernel"] == "xnor_gemm"
+    from tvmedge.core.schema import validate
+
+    validate(out)
+    assert out["device"]["cpu"] == out["machine"]["cpu"]
     assert {r["backend"] for r in out["rows"]} >= {"numpy_fp32"}
     assert main(["kernels", "bench", "--backend", "nope"]) == 1
     assert main(["kernels", "bench", "--shapes", "1x2"]) == 1

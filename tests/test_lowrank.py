@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from tvmedge import zoo
 from tvmedge.core.errors import TvmedgeError
+from tvmedge.core.schema import validate
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
 from tvmedge.core.metrics import errors
@@ -229,6 +230,7 @@ def test_cli_lowrank_compact_compile(digits, shapes):
     out = cli("optimize", str(digits["path"]), "-o", str(d / "o.relax"), "--lowrank", "0.9", "--eval", "digits",
               "--json").stdout
     rep = json.loads(out[out.index("{"):])
+    validate(rep)
     lr = rep["rewrites"][0]
     assert lr["rewrite"] == "lowrank" and len(lr["layers"]) == 4
     assert [s["layer"] for s in lr["skipped"]] == ["conv2d_1"]  # 1 input channel: saves < 10 %

@@ -18,6 +18,7 @@ import torch
 
 from tvmedge import zoo
 from tvmedge.core.errors import TvmedgeError
+from tvmedge.core.schema import validate
 from tvmedge.core.model import save_relax
 from tvmedge.frontend import load_model
 from tvmedge.optimize import data as data_mod
@@ -116,7 +117,7 @@ def test_max_drop_fallback(digits):
     assert rep["before"] == 1.0 and rep["drop_points_all_int8"] > 0, rep
     assert rep["fallback_float"], rep
     names = {f["layer"] for f in rep["fallback_float"]}
-    assert names <= {"conv2d_0", "conv2d_1", "conv2d_2", "matmul_0", "matmul_1"}
+    assert names <= {"conv2d_1", "conv2d_2", "conv2d_3", "matmul_1", "matmul_2"}
     assert len(rep["sensitivity"]) == 5
     assert rep["drop_points"] <= 0.0 and rep["max_drop_met"]
     assert not names & {layer["layer"] for layer in rep["layers"]}
@@ -166,10 +167,10 @@ def test_unsupported_and_zero_point(tmp_path):
     rng = np.random.default_rng(1)
     calib = Dataset(name="randn", samples=[{"input": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)} for _ in range(32)])
     q, rep = quantize(model, calib, observer="minmax", progress=False)
-    assert [s["layer"] for s in rep["skipped"]] == ["matmul_1"]
+    assert [s["layer"] for s in rep["skipped"]] == ["matmul_2"]
     assert "not a constant" in rep["skipped"][0]["reason"]
-    assert {layer["layer"] for layer in rep["layers"]} == {"conv2d_0", "conv2d_1", "matmul_0"}
-    first = next(layer for layer in rep["layers"] if layer["layer"] == "conv2d_0")
+    assert {layer["layer"] for layer in rep["layers"]} == {"conv2d_1", "conv2d_2", "matmul_1"}
+    first = next(layer for layer in rep["layers"] if layer["layer"] == "conv2d_1")
     assert first["act_zero_point"] not in (0, 255)  # signed input: real zero point, padded with it
     assert "R.nn.pad" in q.mod.script(show_meta=False)
     ref, new = outputs_over(HostRunner(model), calib)[0], outputs_over(HostRunner(q), calib)[0]
@@ -231,6 +232,7 @@ def test_cli_optimize_compile_run(digits):
     proc = cli("optimize", str(digits["path"]), "-o", str(out), "--quantize", "int8", "--calib", "digits",
                "--eval", "digits", "--json")
     report = json.loads(proc.stdout)
+    validate(report)
     rep = report["rewrites"][-1]
     assert rep["rewrite"] == "int8" and len(rep["layers"]) == 5
     assert report["check"]["drop_points"] <= 1.0
@@ -240,3 +242,16 @@ def test_cli_optimize_compile_run(digits):
     cli("compile", str(out), "-o", str(tar))
     run = json.loads(cli("run", str(tar), "--json", "--repeat", "3").stdout)
     assert run["outputs"][0]["shape"] == [1, 10]
+
+
+def test_rewrites_name_layers_alike(digits):
+    """int8, low-rank and compact name a layer the same (conv2d_1 is the first conv2d)."""
+    from tvmedge.optimize.int8_graph import find_layers
+    from tvmedge.optimize.lowrank import factorize
+
+    int8_names = [layer.name for layer in find_layers(digits["model"])]
+    assert int8_names[0] == "conv2d_1" and "matmul_1" in int8_names
+    _, rep = factorize(digits["model"], energy=0.9)
+    lowrank = [r["layer"] for r in rep["layers"]] + [s["layer"] for s in rep["skipped"]]
+    assert lowrank and set(lowrank) <= set(int8_names)
+    assert "conv2d_1" in [s["layer"] for s in rep["skipped"]]  # the same first layer (1 input channel) by name

@@ -89,6 +89,15 @@ def test_list_devices_shows_both_servers_free(tracker, servers):
     d = devices[KEY]
     assert d["total"] == 2 and d["free"] == 2 and d["busy"] == 0 and d["pending"] == 0
     assert sorted(p for _, p in d["servers"]) == sorted(s.port for s in servers)
+    import json
+
+    from conftest import run_cli
+    from tvmedge.core.schema import validate
+
+    listing = json.loads(run_cli("device", "list", "--rpc-tracker", format_host_port(tracker.addr), "--json",
+                                 check=True, in_process=True).stdout)
+    validate(listing)
+    assert any(i["key"] == KEY and i["free"] == 2 for i in listing["items"])
 
 
 def test_connect_through_tracker_runs_compiled_relax(tracker, servers, host_library):

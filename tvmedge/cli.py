@@ -97,6 +97,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.outputs:
         save_outputs(args.outputs, res)
     info = res.to_json()
+    if args.compare:
+        from .bench.peers import onnxruntime_baseline
+
+        # ONNX Runtime runs here, on this host: next to a local run it is the same machine;
+        # next to a device it is a different one, and says so in its own device block.
+        info["baselines"] = {"onnxruntime": onnxruntime_baseline(
+            args.compare, inputs, res.threads if res.device == "local" else (args.threads or os.cpu_count() or 1),
+            args.repeat, res.outputs)}
     if args.json:
         print(dumps(info))
         return 0
@@ -113,6 +121,13 @@ def cmd_run(args: argparse.Namespace) -> int:
               "these times are not the real device's; use them for correctness and relative comparisons only")
     for o in info["outputs"]:
         print(f"  {o['name']}: {o['dtype']}{o['shape']} mean {o['mean']:.4g} min {o['min']:.4g} max {o['max']:.4g}")
+    ort = info.get("baselines", {}).get("onnxruntime")
+    if ort:
+        same = dev["via"] == "local"
+        print(f"ONNX Runtime on this host ({ort['device']['cpu']}, {ort['device']['threads']} threads): median "
+              f"{ort['latency_ms']['median']:.3f} ms, max abs diff vs tvmedge {ort['max_abs_diff']:.3g}; "
+              + (f"tvmedge/ORT {lat['median'] / ort['latency_ms']['median']:.2f}x" if same else
+                 "not the device's machine: compare the outputs, not the times"))
     return 0
 
 
@@ -168,6 +183,10 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- zoo
+# For the help text only (importing tvmedge.zoo imports torch: seconds on every command);
+# tests/test_cli_conventions.py keeps it equal to tvmedge.zoo.ZOO.
+ZOO_NAMES = ("mobilenet_v2", "resnet18", "lraspp_mbv3", "digits-cnn", "shapes-seg", "digits-bnn")
+
 def cmd_zoo_list(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -231,27 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run an artifact here or on a device over RPC and time it")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="artifact (.tar) written by `tvmedge compile`")
     p.add_argument("--inputs", metavar="IN.npz", help="inputs by name (default: random, seeded)")
     p.add_argument("--outputs", metavar="OUT.npz", help="write outputs here, in output order")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (default 20; with --pool: frames sent)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--compare", metavar="MODEL.onnx",
+                   help="also run this ONNX model (the artifact's source) in ONNX Runtime on this host, with the "
+                        "same inputs: its latency and the largest output difference (JSON: baselines.onnxruntime)")
     _add_rpc_args(p)
     _add_pool_args(p)
     p.set_defaults(func=cmd_run)
 
     zp = sub.add_parser("zoo", help="reference models").add_subparsers(dest="zoo_command", required=True)
     p = zp.add_parser("list", help="list the zoo models")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_zoo_list)
     p = zp.add_parser("export", help="export a zoo model to .onnx, .pt2, .tflite or .relax (binarized models: packed-bit ops)")
-    p.add_argument("name")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("name", help=f"zoo model: {', '.join(ZOO_NAMES)}")
+    p.add_argument("-o", "--output", required=True,
+                   help="file to write; its extension picks the format (.onnx, .pt2, .tflite, .relax)")
     p.set_defaults(func=cmd_zoo_export)
 
     p = sub.add_parser("demo", help="the built-in default job: compile, run and compare a zoo model")
-    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--model", default="mobilenet_v2",
+                   help="zoo model compiled and run on this host next to ONNX Runtime (default mobilenet_v2)")
     p.add_argument("--workdir", default=None, help="where to write the artifacts (default ./out/demo)")
     p.add_argument("--trials", type=int, default=16, help="tuning budget on the emulated pi4 (default 16)")
     p.add_argument("--skip-device", action="store_true", help="only the host part (no emulated pi4)")

@@ -37,6 +37,31 @@ def onnxruntime_latency(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarr
     return lat
 
 
+def onnxruntime_baseline(onnx_path: str | os.PathLike, inputs: dict[str, np.ndarray], threads: int,
+                         repeat: int, reference: list[np.ndarray]) -> dict:
+    """ONNX Runtime on this host, as a schema baseline: its latency block, its device (this
+    host) and the largest difference between its outputs and ``reference`` (tvmedge's)."""
+    import onnxruntime as ort
+
+    from ..core.errors import TvmedgeError
+    from ..core.schema import device_block
+
+    if not str(onnx_path).endswith(".onnx"):
+        raise TvmedgeError(f"--compare takes the ONNX model the artifact was compiled from, not {onnx_path}")
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        outs = sess.run(None, inputs)
+    except Exception as e:  # noqa: BLE001 - a model ORT cannot run: one line
+        raise TvmedgeError(f"ONNX Runtime cannot run {onnx_path}: {str(e).splitlines()[0]}") from None
+    if len(outs) != len(reference) or any(np.shape(a) != np.shape(b) for a, b in zip(outs, reference)):
+        raise TvmedgeError(f"{onnx_path} is not the model of this artifact (its outputs differ in number or shape)")
+    diff = max((float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) if np.size(a) else 0.0)
+               for a, b in zip(outs, reference))
+    lat = onnxruntime_latency(onnx_path, inputs, threads, repeat=repeat)
+    return {"latency_ms": latency_block(lat), "device": device_block("host", "host", via="local", threads=threads),
+            "max_abs_diff": diff}
+
+
 def torch_latency(model, x, threads: int, repeat: int = 20, warmup: int = 3) -> list[float]:
     import torch
 

@@ -140,14 +140,14 @@ def register_cli(sub) -> None:
 
     p = dp.add_parser("tracker", help="start an RPC tracker (the device farm's scheduler)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=9190)
+    p.add_argument("--port", type=int, default=9190, help="port to listen on (default 9190, TVM's)")
     p.set_defaults(func=cmd_tracker)
 
     p = dp.add_parser("serve", help="offer this machine as a device (TVM RPC server)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="register with this tracker")
     p.add_argument("--key", default="host", help="device key at the tracker (e.g. pi4)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one)")
     p.add_argument("--load-library", action="append", help="extra runtime library to load")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",
                    help="keep retrying an unreachable tracker this long, with backoff (default 120)")
@@ -157,12 +157,14 @@ def register_cli(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = dp.add_parser("list", help="keys registered at a tracker, with free/busy counts")
-    p.add_argument("--rpc-tracker", required=True, metavar="HOST:PORT")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--rpc-tracker", required=True, metavar="HOST:PORT", help="the tracker to ask")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_list)
 
     p = dp.add_parser("emulate", help="an emulated device (qemu) registered with a tracker")
-    p.add_argument("kind", choices=sorted(emulated()) + sorted(accelerators()))
+    p.add_argument("kind", choices=sorted(emulated()) + sorted(accelerators()),
+                   help="board to emulate (a VTA target: its accelerator simulated); it tells every session it is "
+                        "emulated, and run/tune label its timings")
     p.add_argument("--tracker", metavar="HOST:PORT", help="default: start a local tracker")
     p.add_argument("--key", default=None, help="device key (default: the kind)")
     p.add_argument("--wait-tracker", type=float, default=120.0, metavar="S",

@@ -55,7 +55,7 @@ def register_cli(subparsers: Any) -> None:
     kp = subparsers.add_parser("kernels", help="hand-written binarized (XNOR/popcount) kernels")
     ks = kp.add_subparsers(dest="kernels_command", required=True)
     p = ks.add_parser("bench", help="time xnor_gemm / bconv2d per backend against numpy fp32")
-    p.add_argument("--kernel", choices=KERNELS, default="xnor_gemm")
+    p.add_argument("--kernel", choices=KERNELS, default="xnor_gemm", help="kernel to time (default xnor_gemm)")
     p.add_argument("--backend", default="all",
                    help=f"{'|'.join(BACKENDS)}|all, or a comma list (default: all)")
     p.add_argument("--shapes", default=None,

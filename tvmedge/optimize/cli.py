@@ -114,8 +114,10 @@ def print_report(report: dict[str, Any], out=None) -> None:
     c = report["check"]
     line = f"check vs original on {c['samples']} samples: max abs err {c['max_abs']:.3g}, max rel err {c['max_rel']:.3g}"
     if c.get("metric"):
-        line += (f"; {c['metric']} {100 * c['before']:.2f} -> {100 * c['after']:.2f} "
-                 f"(drop {c['drop_points']:.2f} points)")
+        # One unit everywhere (README, zoo, this line): accuracy and mIoU in percent.
+        name = {"miou": "mIoU"}.get(c["metric"], c["metric"])
+        line += (f"; {name} {100 * c['before']:.2f} % -> {100 * c['after']:.2f} % "
+                 f"(drop {c['drop_points']:.2f} percentage points)")
     console.print(line)
 
 
@@ -150,7 +152,8 @@ def register_cli(sub: Any) -> None:
     p = sub.add_parser("optimize", help="compress a model (int8, low-rank, compact filters), checked against the original")
     p.add_argument("model", help="ONNX, .pt2, TFLite or .relax model")
     p.add_argument("-o", "--output", required=True, help="optimized model to write (.relax)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_optimize_args(p)
     p.set_defaults(func=cmd_optimize)

@@ -158,14 +158,15 @@ def _bias_of(var: Any, channels: int, out_ndim: int, axis: int, uses: dict, defs
 
 
 def _conv_matmul_bindings(binds: list[Any]):
-    """``(binding, "conv2d" | "matmul", name)`` for each conv2d / matmul, named ``conv2d_0``, ..."""
+    """``(binding, "conv2d" | "matmul", name)`` for each conv2d / matmul, named ``conv2d_1``, ...
+    (counted from 1 in graph order, as the low-rank and compact rewrites name them)."""
     counts = {"conv2d": 0, "matmul": 0}
     for b in binds:
         op = op_name(b.value)
         if op in (CONV, MATMUL):
             kind = "conv2d" if op == CONV else "matmul"
-            yield b, kind, f"{kind}_{counts[kind]}"
             counts[kind] += 1
+            yield b, kind, f"{kind}_{counts[kind]}"
 
 
 def find_layers(model: ImportedModel) -> list[Layer]:

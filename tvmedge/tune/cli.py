@@ -24,12 +24,12 @@ def run_tune(args: argparse.Namespace) -> int:
     from .pool import device_pool, measure_model
     from .tuner import TuneOptions, tune_model
 
-    console = make_console(stderr=args.json)
-    device = resolve(args.target)
-    model = load_model(args.model, parse_shapes(args.input_shape))
     if args.tracker_port is not None and args.rpc_tracker:
         raise TvmedgeError("--tracker-port is the port of the local tracker tune starts without --rpc-tracker: "
                            "give one or the other")
+    console = make_console(stderr=args.json)
+    device = resolve(args.target)
+    model = load_model(args.model, parse_shapes(args.input_shape))
     if device.accelerator is not None:  # a VTA target: the timing model measures (tvmedge.vta.tune)
         return _tune_vta(args, model, device, console)
     with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
@@ -162,7 +162,7 @@ def _tune_vta(args: argparse.Namespace, model: Any, device: Any, console: Any) -
 
 def register_cli(sub) -> None:
     p = sub.add_parser("tune", help="autotune a model on its device over RPC (MetaSchedule)")
-    p.add_argument("model")
+    p.add_argument("model", help="ONNX (.onnx), .pt2, TFLite (.tflite) or .relax model")
     p.add_argument("--target", default="host",
                    help="device name (targets/), TVM tag or JSON target (default host: this machine)")
     p.add_argument("--tuning-db", required=True, metavar="DIR", help="tuning database directory (created, reused, resumed)")
@@ -177,6 +177,7 @@ def register_cli(sub) -> None:
                         "(boards from `tvmedge device emulate` say so themselves)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs for the end-to-end comparison")
     p.add_argument("--no-compare", action="store_true", help="skip the tuned/untuned/ONNX Runtime comparison")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.set_defaults(func=run_tune)

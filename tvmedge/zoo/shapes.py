@@ -192,7 +192,7 @@ def train(model: nn.Module | None = None, seconds: float = 420.0, seed: int = 0,
     with torch.no_grad():
         score = miou(torch.cat([model(torch.from_numpy(xev[i:i + 64])) for i in range(0, len(xev), 64)]).numpy(), yev)
     if verbose:
-        print(f"shapes-seg: trained {step} steps in {time.time() - t0:.0f}s, held-out mIoU {score:.4f}")
+        print(f"shapes-seg: trained {step} steps in {time.time() - t0:.0f}s, held-out mIoU {100 * score:.2f} %")
     return model
 
 

@@ -5,9 +5,15 @@ writer lets the TFLite import path be tested (and compared with a real TFLite in
 on a trained model. It traces the model with ``torch.fx`` and writes the flatbuffer with the
 builder functions of the ``tflite`` package (schema version 3, identifier ``TFL3``).
 
-Supported, in float32 only: ``Conv2d`` (groups=1; a following ``BatchNorm2d`` is folded
-into it, a following ReLU/ReLU6 is fused), ``MaxPool2d`` (no padding), standalone ReLU and
-ReLU6, ``flatten`` of a feature map feeding ``Linear``, and ``Linear`` (ReLU/ReLU6 fused).
+Supported, in float32 only: ``Conv2d`` (dense or depthwise; a following ``BatchNorm2d`` is
+folded into it, a following ReLU/ReLU6 is fused), ``MaxPool2d``, ReLU, ReLU6, Hardswish,
+sigmoid, hardsigmoid (as ``relu6(x + 3) / 6``), tensor ``+`` and ``*`` (broadcasting), global
+average pooling (``adaptive_avg_pool2d(x, 1)``: MEAN), bilinear and nearest ``interpolate``,
+``cat`` on channels, Dropout (eval: nothing), ``flatten`` of a feature map feeding ``Linear``,
+and ``Linear`` (ReLU/ReLU6 fused). That covers every zoo model but the binarized one.
+Padding that is neither TFLite's SAME nor VALID (``padding=1`` with stride 2 on an even input,
+as in MobileNet and ResNet) is written as an explicit ``PAD`` (``PADV2`` with the lowest float
+before a max-pool) followed by a VALID convolution or pool.
 The model is exported with eval-mode semantics (BatchNorm uses its running statistics).
 TFLite is NHWC: a 1x1x8x8 NCHW PyTorch input becomes a 1x8x8x1 TFLite input, conv weights
 are stored [O, KH, KW, I], and the columns of a ``Linear`` after ``flatten`` are permuted to
@@ -16,6 +22,7 @@ follow NHWC flattening order. Anything else raises :class:`TvmedgeError`.
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +36,9 @@ import torch.nn.functional as F
 
 from ..core.errors import TvmedgeError, first_line
 
-SUPPORTED = ("Conv2d (+BatchNorm2d, ReLU/ReLU6), MaxPool2d, ReLU, ReLU6, flatten -> Linear, Linear")
+SUPPORTED = ("Conv2d (dense, depthwise; +BatchNorm2d, ReLU/ReLU6), MaxPool2d, ReLU, ReLU6, Hardswish, sigmoid, "
+             "hardsigmoid, add, mul, adaptive_avg_pool2d(1), interpolate (bilinear, nearest), cat, Dropout, "
+             "flatten -> Linear, Linear")
 
 
 @dataclass
@@ -101,29 +110,34 @@ def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _conv_padding(conv: nn.Conv2d, in_hw: list[int], out_hw: list[int]) -> str:
-    """The TFLite padding ('SAME'/'VALID') that reproduces the conv's PyTorch padding."""
-    if conv.padding == "valid":
-        return "VALID"
-    if conv.padding == "same":
-        return "SAME"
-    for i, p in enumerate(_pair(conv.padding)):
-        k = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
-        s = conv.stride[i]
+def _padding(kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], pad: tuple[int, int],
+             in_hw: list[int], out_hw: list[int]) -> tuple[str, tuple[int, int] | None]:
+    """The TFLite padding that reproduces PyTorch's symmetric ``pad``: ('SAME'|'VALID', None),
+    or ('VALID', pad) when neither fits and the pad must be written as an explicit PAD op."""
+    modes = []
+    for i in range(2):
+        k = dilation[i] * (kernel[i] - 1) + 1
+        s = stride[i]
         same_out = -(-in_hw[i] // s)
         total = max((same_out - 1) * s + k - in_hw[i], 0)
-        if p == 0 and out_hw[i] == (in_hw[i] - k) // s + 1:
-            mode = "VALID"
-        elif 2 * p == total and out_hw[i] == same_out:
-            mode = "SAME"
+        if pad[i] == 0 and out_hw[i] == (in_hw[i] - k) // s + 1:
+            modes.append("VALID")
+        elif 2 * pad[i] == total and out_hw[i] == same_out:
+            modes.append("SAME")
         else:
-            raise TvmedgeError(f"cannot export Conv2d padding {conv.padding} with stride {conv.stride} on a "
-                               f"{in_hw[0]}x{in_hw[1]} input to TFLite: it is neither SAME nor VALID padding")
-        if i == 0:
-            first = mode
-        elif mode != first:
-            raise TvmedgeError(f"cannot export Conv2d padding {conv.padding} to TFLite (mixed SAME/VALID)")
-    return first
+            modes.append(None)
+    if modes[0] is not None and modes[0] == modes[1]:
+        return modes[0], None
+    return "VALID", (int(pad[0]), int(pad[1]))
+
+
+def _conv_padding(conv: nn.Conv2d, in_hw: list[int], out_hw: list[int]) -> tuple[str, tuple[int, int] | None]:
+    if conv.padding == "valid":
+        return "VALID", None
+    if conv.padding == "same":
+        return "SAME", None
+    return _padding(_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.dilation), _pair(conv.padding),
+                    in_hw, out_hw)
 
 
 def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> torch.fx.GraphModule:
@@ -169,8 +183,37 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...], input_name: str
         absorbed.add(user)
         return user, act
 
+    def pad(x: int, nchw: list[int], pads: tuple[int, int], fill: float | None = None) -> int:
+        """``x`` (NHWC) padded by ``pads`` (H, W) on both sides: PAD (zeros) or PADV2 (``fill``)."""
+        ph, pw = pads
+        pi = g.const(f"{g.tensors[x].name}.pads", np.array([[0, 0], [ph, ph], [pw, pw], [0, 0]], dtype=np.int32))
+        y = g.tensor(f"{g.tensors[x].name}.padded", [nchw[0], nchw[2] + 2 * ph, nchw[3] + 2 * pw, nchw[1]])
+        if fill is None:
+            g.ops.append(_Op("PAD", [x, pi], [y]))
+        else:
+            fi = g.const(f"{g.tensors[x].name}.pad_value", np.array([fill], dtype=np.float32))
+            g.ops.append(_Op("PADV2", [x, pi, fi], [y]))
+        return y
+
+    def shape_of(n: Any) -> list[int]:
+        return _nhwc(out_shape(n))
+
     for node in gm.graph.nodes:
         if node in absorbed:
+            continue
+        if node.op == "call_function" and node.target in (getattr, operator.getitem) and \
+                not hasattr(node.meta.get("tensor_meta"), "dtype"):
+            continue  # shape arithmetic (x.shape[-2:]): interpolate reads its result's shape instead
+        if node.op == "call_function" and node.target is torch.cat:
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            o_s = out_shape(node)
+            if len(o_s) != 4 or dim not in (1, -3) or not all(isinstance(t, torch.fx.Node) and t in value for t in parts):
+                raise TvmedgeError(f"cannot export {_describe(node, gm)} to TFLite: only cat of feature maps "
+                                   "on the channel axis is supported")
+            y = g.tensor(node.name, _nhwc(o_s))
+            g.ops.append(_Op("CONCATENATION", [value[t] for t in parts], [y], dict(axis=3, act="NONE")))
+            value[node] = y
             continue
         if node.op == "placeholder":
             if g.inputs:
@@ -192,9 +235,10 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...], input_name: str
         x = value[src]
 
         if type(mod) is nn.Conv2d:
-            if mod.groups != 1:
-                raise TvmedgeError(f"cannot export layer '{node.target}' to TFLite: grouped/depthwise "
-                                   f"Conv2d (groups={mod.groups}) is not supported")
+            depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+            if mod.groups != 1 and not depthwise:
+                raise TvmedgeError(f"cannot export layer '{node.target}' to TFLite: grouped Conv2d "
+                                   f"(groups={mod.groups}, not depthwise) is not supported")
             w = mod.weight.detach().double().numpy()
             b = (mod.bias.detach().double().numpy() if mod.bias is not None else np.zeros(w.shape[0]))
             last = node
@@ -210,11 +254,15 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...], input_name: str
                 last = bn_node
             last, act = fuse_activation(last)
             in_s, o_s = out_shape(src), out_shape(node)
-            padding = _conv_padding(mod, in_s[2:], o_s[2:])
-            wi = g.const(f"{node.target}.weight", w.transpose(0, 2, 3, 1).astype(np.float32))
+            padding, explicit = _conv_padding(mod, in_s[2:], o_s[2:])
+            if explicit:
+                x = pad(x, in_s, explicit)
+            # TFLite weights: conv [O, KH, KW, I]; depthwise [1, KH, KW, C] (depth multiplier 1)
+            wt = w.transpose(1, 2, 3, 0) if depthwise else w.transpose(0, 2, 3, 1)
+            wi = g.const(f"{node.target}.weight", wt.astype(np.float32))
             bi = g.const(f"{node.target}.bias", b.astype(np.float32))
             y = g.tensor(last.name, _nhwc(o_s))
-            g.ops.append(_Op("CONV_2D", [x, wi, bi], [y], dict(
+            g.ops.append(_Op("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", [x, wi, bi], [y], dict(
                 padding=padding, stride=mod.stride, dilation=mod.dilation, act=act)))
             value[last] = y
         elif type(mod) is nn.MaxPool2d or (node.op == "call_function" and node.target is F.max_pool2d):
@@ -226,14 +274,68 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...], input_name: str
                 k, s, p, d = a["kernel_size"], a.get("stride"), a.get("padding", 0), a.get("dilation", 1)
             k, s = _pair(k), _pair(s if s not in (None, []) else k)
             in_s, o_s = out_shape(src), out_shape(node)
-            valid = [(in_s[2 + i] - k[i]) // s[i] + 1 for i in range(2)]
-            if _pair(p) != (0, 0) or _pair(d) != (1, 1) or valid != o_s[2:]:
+            p = _pair(p)
+            valid = [(in_s[2 + i] + 2 * p[i] - k[i]) // s[i] + 1 for i in range(2)]
+            if _pair(d) != (1, 1) or valid != o_s[2:]:
                 raise TvmedgeError(f"cannot export {_describe(node, gm)} to TFLite: only max-pooling "
-                                   f"without padding or dilation is supported")
+                                   f"without dilation or ceil_mode is supported")
+            if p != (0, 0):  # padded with the lowest float: the max never picks it
+                x = pad(x, in_s, p, fill=float(np.finfo(np.float32).min))
             last, act = fuse_activation(node)
             y = g.tensor(last.name, _nhwc(o_s))
             g.ops.append(_Op("MAX_POOL_2D", [x], [y], dict(kernel=k, stride=s, act=act)))
             value[last] = y
+        elif type(mod) in (nn.Dropout, nn.Identity):  # eval mode: passes its input through
+            value[node] = x
+        elif (node.op == "call_function" and node.target in (operator.add, torch.add, operator.mul, torch.mul)) \
+                or (node.op == "call_method" and node.target in ("add", "mul")):
+            other = node.args[1] if len(node.args) > 1 else None
+            if not isinstance(other, torch.fx.Node) or other not in value or node.kwargs:
+                raise TvmedgeError(f"cannot export {_describe(node, gm)} to TFLite: only adding or multiplying "
+                                   "two tensors is supported")
+            code = "ADD" if node.target in (operator.add, torch.add, "add") else "MUL"
+            last, act = fuse_activation(node)
+            y = g.tensor(last.name, shape_of(node))
+            g.ops.append(_Op(code, [x, value[other]], [y], dict(act=act)))
+            value[last] = y
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            if _pair(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")) != (1, 1):
+                raise TvmedgeError(f"cannot export {_describe(node, gm)} to TFLite: only global average "
+                                   "pooling (output size 1) is supported")
+            ai = g.const(f"{node.name}.axes", np.array([1, 2], dtype=np.int32))
+            y = g.tensor(node.name, shape_of(node))
+            g.ops.append(_Op("MEAN", [x, ai], [y], dict(keep_dims=True)))
+            value[node] = y
+        elif type(mod) is nn.Hardswish or (node.op == "call_function" and node.target is F.hardswish):
+            y = g.tensor(node.name, shape_of(node))
+            g.ops.append(_Op("HARD_SWISH", [x], [y]))
+            value[node] = y
+        elif type(mod) is nn.Sigmoid or (node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid)):
+            y = g.tensor(node.name, shape_of(node))
+            g.ops.append(_Op("LOGISTIC", [x], [y]))
+            value[node] = y
+        elif type(mod) is nn.Hardsigmoid or (node.op == "call_function" and node.target is F.hardsigmoid):
+            # no TFLite op: relu6(x + 3) / 6, exactly PyTorch's definition
+            three = g.const(f"{node.name}.three", np.array([3.0], dtype=np.float32))
+            sixth = g.const(f"{node.name}.sixth", np.array([1.0 / 6.0], dtype=np.float32))
+            t = g.tensor(f"{node.name}.relu6", shape_of(node))
+            g.ops.append(_Op("ADD", [x, three], [t], dict(act="RELU6")))
+            y = g.tensor(node.name, shape_of(node))
+            g.ops.append(_Op("MUL", [t, sixth], [y], dict(act="NONE")))
+            value[node] = y
+        elif node.op == "call_function" and node.target is F.interpolate:
+            mode = node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
+            corners = bool(node.kwargs.get("align_corners") or False)
+            o_s = out_shape(node)
+            if mode not in ("bilinear", "nearest") or len(o_s) != 4 or (mode == "nearest" and corners):
+                raise TvmedgeError(f"cannot export {_describe(node, gm)} to TFLite: only bilinear and nearest "
+                                   "resizing of feature maps is supported")
+            si = g.const(f"{node.name}.size", np.array(o_s[2:], dtype=np.int32))
+            y = g.tensor(node.name, _nhwc(o_s))
+            code = "RESIZE_BILINEAR" if mode == "bilinear" else "RESIZE_NEAREST_NEIGHBOR"
+            g.ops.append(_Op(code, [x, si], [y], dict(align_corners=corners,
+                                                      half_pixel=mode == "bilinear" and not corners)))
+            value[node] = y
         elif _activation(node, gm) is not None:
             y = g.tensor(node.name, _nhwc(out_shape(node)))
             g.ops.append(_Op(_activation(node, gm), [x], [y]))
@@ -327,7 +429,50 @@ def _serialize(g: _Graph, description: str) -> bytes:
     operators = []
     for op in g.ops:
         o = op.options
-        if op.code == "CONV_2D":
+        if op.code == "DEPTHWISE_CONV_2D":
+            T.DepthwiseConv2DOptionsStart(b)
+            T.DepthwiseConv2DOptionsAddPadding(b, pads[o["padding"]])
+            T.DepthwiseConv2DOptionsAddStrideH(b, o["stride"][0])
+            T.DepthwiseConv2DOptionsAddStrideW(b, o["stride"][1])
+            T.DepthwiseConv2DOptionsAddDepthMultiplier(b, 1)
+            T.DepthwiseConv2DOptionsAddDilationHFactor(b, o["dilation"][0])
+            T.DepthwiseConv2DOptionsAddDilationWFactor(b, o["dilation"][1])
+            T.DepthwiseConv2DOptionsAddFusedActivationFunction(b, acts[o["act"]])
+            opts, opts_type = T.DepthwiseConv2DOptionsEnd(b), T.BuiltinOptions.DepthwiseConv2DOptions
+        elif op.code == "ADD":
+            T.AddOptionsStart(b)
+            T.AddOptionsAddFusedActivationFunction(b, acts[o["act"]])
+            opts, opts_type = T.AddOptionsEnd(b), T.BuiltinOptions.AddOptions
+        elif op.code == "MUL":
+            T.MulOptionsStart(b)
+            T.MulOptionsAddFusedActivationFunction(b, acts[o["act"]])
+            opts, opts_type = T.MulOptionsEnd(b), T.BuiltinOptions.MulOptions
+        elif op.code == "MEAN":
+            T.ReducerOptionsStart(b)
+            T.ReducerOptionsAddKeepDims(b, o["keep_dims"])
+            opts, opts_type = T.ReducerOptionsEnd(b), T.BuiltinOptions.ReducerOptions
+        elif op.code == "CONCATENATION":
+            T.ConcatenationOptionsStart(b)
+            T.ConcatenationOptionsAddAxis(b, o["axis"])
+            T.ConcatenationOptionsAddFusedActivationFunction(b, acts[o["act"]])
+            opts, opts_type = T.ConcatenationOptionsEnd(b), T.BuiltinOptions.ConcatenationOptions
+        elif op.code == "RESIZE_BILINEAR":
+            T.ResizeBilinearOptionsStart(b)
+            T.ResizeBilinearOptionsAddAlignCorners(b, o["align_corners"])
+            T.ResizeBilinearOptionsAddHalfPixelCenters(b, o["half_pixel"])
+            opts, opts_type = T.ResizeBilinearOptionsEnd(b), T.BuiltinOptions.ResizeBilinearOptions
+        elif op.code == "RESIZE_NEAREST_NEIGHBOR":
+            T.ResizeNearestNeighborOptionsStart(b)
+            T.ResizeNearestNeighborOptionsAddAlignCorners(b, o["align_corners"])
+            T.ResizeNearestNeighborOptionsAddHalfPixelCenters(b, o["half_pixel"])
+            opts, opts_type = T.ResizeNearestNeighborOptionsEnd(b), T.BuiltinOptions.ResizeNearestNeighborOptions
+        elif op.code == "PAD":
+            T.PadOptionsStart(b)
+            opts, opts_type = T.PadOptionsEnd(b), T.BuiltinOptions.PadOptions
+        elif op.code == "PADV2":
+            T.PadV2OptionsStart(b)
+            opts, opts_type = T.PadV2OptionsEnd(b), T.BuiltinOptions.PadV2Options
+        elif op.code == "CONV_2D":
             T.Conv2DOptionsStart(b)
             T.Conv2DOptionsAddPadding(b, pads[o["padding"]])
             T.Conv2DOptionsAddStrideH(b, o["stride"][0])
@@ -354,7 +499,7 @@ def _serialize(g: _Graph, description: str) -> bytes:
             T.ReshapeOptionsStart(b)
             T.ReshapeOptionsAddNewShape(b, new_shape)
             opts, opts_type = T.ReshapeOptionsEnd(b), T.BuiltinOptions.ReshapeOptions
-        else:  # RELU, RELU6: no options
+        else:  # RELU, RELU6, HARD_SWISH, LOGISTIC: no options
             opts, opts_type = None, T.BuiltinOptions.NONE
         inputs, outputs = ints(op.inputs), ints(op.outputs)
         T.OperatorStart(b)
