@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tvmedge.core.schema import validate
 from tvmedge import zoo
 from tvmedge.build import compile_model
 from tvmedge.core.errors import TvmedgeError
@@ -378,6 +379,12 @@ def test_emulated_vta_board_runs_digits_and_shapes_bit_exact(digits_int8, shapes
             got, want = np.load(tmp_path / f"{name}-vta.npz"), np.load(tmp_path / f"{name}-host.npz")
             for k in want:
                 assert np.array_equal(got[k], want[k]), (name, k, np.abs(got[k] - want[k]).max())
+        # The board says what it is: every figure of a run on it is labelled simulated.
+        proc = run_cli("run", str(cases[0][1]), "--rpc-tracker", where, "--rpc-key", "vta-pynq", "--repeat", "1",
+                       "--json", check=True)
+        rep = json.loads(proc.stdout)
+        validate(rep)
+        assert rep["device"]["kind"] == "simulated"
 
 
 @pytest.mark.slow
@@ -389,6 +396,8 @@ def test_tune_cli_for_vta(shapes_int8, tmp_path):
                    "--json", in_process=True)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
+    validate(rep)
+    assert rep["device"]["kind"] == "simulated"
     assert rep["simulated"] and len(rep["layers"]) == 15
     assert all(r["best_cycles"] <= r["default_cycles"] for r in rep["layers"])
     proc = run_cli("compile", str(path), "--target", "vta-pynq", "--tuning-db", str(tmp_path / "db"), "-o",

@@ -154,7 +154,8 @@ def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=Non
         config = tvm.get_global_func("runtime.config_threadpool")
         num_threads = tvm.get_global_func("runtime.NumThreads")
         where = "local"
-        info = {"kind": "hardware", "arch": arch_of_target(meta["target"]), "reported": True}
+        info = {"kind": "simulated" if meta.get("vta") else "hardware", "arch": arch_of_target(meta["target"]),
+                "reported": True}
     else:
         from .deploy.session import device_info
 

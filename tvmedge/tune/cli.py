@@ -143,7 +143,10 @@ def _tune_vta(args: argparse.Namespace, model: Any, device: Any, console: Any) -
                       "not used by this command", markup=False)
     report = tune_model(model, device.accelerator, args.tuning_db, args.trials, progress=not args.json)
     if args.json:
-        print(dumps(report))
+        from ..core.schema import device_block, envelope
+
+        device_json = device_block(device.name, device.target_json, kind="simulated", via="none")
+        print(dumps(envelope("tune vta", {**report, "device": device_json})))
         return 0
     table = Table(title=f"{report['accelerator']} layers, SIMULATED (measured with the timing model)")
     for col in ("layer", "trials", "default cycles", "best cycles", "speedup", "tile", "offload"):

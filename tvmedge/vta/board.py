@@ -69,8 +69,10 @@ class VtaBoard:
         self._workdir = Path(tempfile.mkdtemp(prefix=f"tvmedge-{self.kind}-"))
         try:
             python, env = self._python()
+            info = {"kind": "simulated", "board": self.kind, "accelerator": "functional simulator + timing model",
+                    "emulator": (self.accel.host_emulator or {}).get("qemu") or "none (host part runs natively)"}
             self.server = start_server(self.tracker, self.key, host=self.host, port=self.port, env=env,
-                                       python=str(python), timeout=self.timeout)
+                                       python=str(python), timeout=self.timeout, device_info=info)
         except TvmedgeError as e:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

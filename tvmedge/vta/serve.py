@@ -19,10 +19,25 @@ def serve(argv: list[str]) -> None:
 
     from tvm import rpc
 
-    from .runtime import register
+    from .runtime import register as register_driver
 
-    if argv[:2] == ["-m", "tvm.exec.rpc_server"]:
+    info = None
+    if argv[:1] == ["-c"] and len(argv) >= 4:  # start_server's device_info boot: -c CODE INFO MODULE ARGS
+        info, argv = argv[2], argv[4:]
+    elif argv[:2] == ["-m", "tvm.exec.rpc_server"]:
         argv = argv[2:]
+
+    def register() -> None:
+        register_driver()
+        if info is not None:
+            import json
+            import platform
+
+            import tvm_ffi
+
+            text = json.dumps({"arch": platform.machine(), **json.loads(info)})
+            # the name tvmedge.deploy.session.device_info asks for (deploy.launch.DEVICE_INFO_FUNC)
+            tvm_ffi.register_global_func("tvmedge.device_info", lambda: text, override=True)
     p = argparse.ArgumentParser(prog="tvmedge.vta.serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9090)
