@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     import importlib.util
 
-    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli"):
+    for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli",
+                  "tvmedge.export.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet
