@@ -36,6 +36,14 @@ def add_optimize_args(p: argparse.ArgumentParser) -> None:
                    help="compact-filter rewrites of KxK convs (needs --calib)")
     g.add_argument("--compact-max-error", type=float, default=0.05, metavar="E",
                    help="largest relative output error a compact rewrite may add to its layer (default 0.05)")
+    g.add_argument("--prune", type=float, metavar="RATIO",
+                   help="structured pruning: remove this fraction of the channels of each dependency group "
+                        "(whole filters, across residual adds and concats); add --finetune-steps to recover")
+    g.add_argument("--prune-flops", type=float, metavar="RATIO",
+                   help="structured pruning to this fraction of the conv/matmul FLOPs (one channel ratio for all groups)")
+    g.add_argument("--criterion", choices=["l1", "taylor", "bn-gamma"], default="l1",
+                   help="channel importance for pruning: filter L1 norm, first-order Taylor on --calib, "
+                        "or BatchNorm gamma (default l1)")
     g.add_argument("--eval", metavar="DATA", help="labelled data to measure the accuracy drop on: digits | shapes | FILE.npz")
     g.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="largest accuracy drop allowed (points; needs --eval); int8 falls back to float per layer")
@@ -49,7 +57,8 @@ def rewrite_options(args: argparse.Namespace) -> RewriteOptions:
     return RewriteOptions(quantize=args.quantize, observer=args.observer, lowrank=args.lowrank,
                           lowrank_flops=args.lowrank_flops, compact=args.compact,
                           compact_max_error=args.compact_max_error, finetune_steps=args.finetune_steps,
-                          max_drop=args.max_drop)
+                          max_drop=args.max_drop, prune=args.prune, prune_flops=args.prune_flops,
+                          criterion=args.criterion)
 
 
 def wants_rewrites(args: argparse.Namespace) -> bool:
@@ -62,6 +71,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise TvmedgeError("--quantize and --compact need calibration data: --calib digits|shapes|FILE.npz|DIR")
     if args.finetune_steps and not args.calib:
         raise TvmedgeError("--finetune-steps distils on calibration data: give --calib digits|shapes|FILE.npz")
+    if args.criterion == "taylor" and (args.prune or args.prune_flops) and not args.calib:
+        raise TvmedgeError("--criterion taylor scores channels on calibration data: give --calib DATA")
     if args.max_drop is not None and not args.eval:
         raise TvmedgeError("--max-drop needs labelled data to measure the drop on: --eval DATA")
     if args.calib_size is not None and args.calib_size < 1:
@@ -102,6 +113,10 @@ def print_report(report: dict[str, Any], out=None) -> None:
             console.print(table)
         else:
             console.print(f"{rep['rewrite']}: no layer rewritten")
+        if rep["rewrite"] == "prune":
+            console.print(f"prune ({rep['criterion']}): channel ratio {rep['ratio']:.3g} removed per group; model FLOPs "
+                          f"{rep['model_flops_before'] / 1e6:.1f} M -> {rep['model_flops_after'] / 1e6:.1f} M "
+                          f"(ratio {rep['model_flops_after'] / rep['model_flops_before']:.3f})")
         if rep["rewrite"] == "lowrank" and rep.get("model_flops_before"):
             console.print(f"lowrank: kept spectral energy {rep['energy']:.4g} per layer; model FLOPs "
                           f"{rep['model_flops_before'] / 1e6:.1f} M -> {rep['model_flops_after'] / 1e6:.1f} M "
@@ -131,9 +146,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not args.output.endswith(".relax"):
         raise TvmedgeError(f"-o {args.output}: the optimized model is written as a .relax file")
     if not wants_rewrites(args):
-        raise TvmedgeError("nothing to do: give --quantize int8, --lowrank/--lowrank-flops and/or --compact")
+        raise TvmedgeError("nothing to do: give --quantize int8, --prune/--prune-flops, --lowrank/--lowrank-flops "
+                           "and/or --compact")
     model = load_model(args.model, parse_shapes(args.input_shape))
     new, report = apply_rewrites(model, args, progress=not args.json)
+    drop = report["check"].get("drop_points")
+    if (args.prune or args.prune_flops) and args.max_drop is not None and drop is not None and drop > args.max_drop:
+        raise TvmedgeError(f"the pruned model drops {drop:.2f} points on {args.eval} (> --max-drop {args.max_drop:g}); "
+                           f"{args.output} not written: use a smaller ratio or more --finetune-steps")
     save_relax(new, args.output)
     report.update(model=os.path.basename(args.model), output=args.output,
                   bytes_before=os.path.getsize(args.model), bytes_after=os.path.getsize(args.output))
