@@ -262,6 +262,12 @@ class _Exporter:
             if shape_of(var)[2:] != [1, 1]:
                 raise TvmedgeError(f"export: layer {hint}: adaptive average pooling to {shape_of(var)[2:]} (only 1x1)")
             out = self.node("GlobalAveragePool", [x()], hint)
+        elif op in ("relax.max", "relax.min") and a.axis is not None:
+            out = self.node("ReduceMax" if op == "relax.max" else "ReduceMin", [x()], hint, axes=ints(a.axis),
+                            keepdims=int(bool(a.keepdims)))
+        elif op in ("relax.equal", "relax.greater", "relax.less"):
+            out = self.node({"relax.equal": "Equal", "relax.greater": "Greater", "relax.less": "Less"}[op],
+                            [x(0), x(1)], hint)
         elif op in ("relax.mean", "relax.sum"):
             axes = ints(a.axis) if a.axis is not None else list(range(len(shape_of(args[0]))))
             if op == "relax.mean":

@@ -173,3 +173,148 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_optimize_args(p)
     p.set_defaults(func=cmd_optimize)
+    _register_distill(sub)
+    _register_ensemble(sub)
+
+
+# ---------------------------------------------------------------- distill
+def _write_model(model: ImportedModel, path: str) -> None:
+    """A student/ensemble as ``.relax`` (compile/tune/run read it) or ``.onnx`` (via tvmedge export)."""
+    from ..core.model import save_relax
+
+    if path.endswith(".relax"):
+        save_relax(model, path)
+    elif path.endswith(".onnx"):
+        from ..export.onnx import write_onnx  # noqa: PLC0415  (cli layer: may import any stage)
+
+        write_onnx(model, path, "float")
+    else:
+        raise TvmedgeError(f"-o {path}: write the model as .relax or .onnx")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..frontend import load_model, parse_shapes
+    from . import data as data_mod
+    from .distill import distill
+
+    if not args.output.endswith((".relax", ".onnx")):
+        raise TvmedgeError(f"-o {args.output}: write the student as .relax or .onnx")
+    teacher = load_model(args.teacher, parse_shapes(args.input_shape))
+    train = data_mod.load(args.data, teacher, "train", limit=args.train_size)
+    evals = data_mod.load(args.eval, teacher, "eval") if args.eval else None
+    student, report = distill(teacher, args.student, train, steps=args.steps, eval_data=evals,
+                              progress=not args.json)
+    _write_model(student, args.output)
+    report.update(teacher=os.path.basename(args.teacher), output=args.output)
+    if args.json:
+        print(dumps(report))
+        return 0
+    c, metric = report["compare"], report["metric"]
+    for who in ("teacher", "student"):
+        r = c[who]
+        score = f", {metric} {100 * r['metric']:.2f}" if r.get("metric") is not None else ""
+        print(f"{who}: {r['params']} parameters{score}, {r['latency_ms']:.3f} ms (default schedules, this host)")
+    print(f"student {args.student}: {report['training']['steps']} steps ({report['loss']}), "
+          f"{report['seconds']} s; latency ratio {c['teacher']['latency_ms'] / c['student']['latency_ms']:.2f}x")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _register_distill(sub: Any) -> None:
+    from .distill import STUDENTS
+
+    p = sub.add_parser("distill", help="train a smaller student from a teacher model (logits KD + feature hints)")
+    p.add_argument("teacher", help="teacher model: ONNX, .pt2, TFLite or .relax")
+    p.add_argument("--student", required=True, metavar="SPEC|MODEL",
+                   help=f"zoo student spec ({', '.join(STUDENTS)}) or a model file with the teacher's shapes")
+    p.add_argument("--data", required=True, metavar="DATA", help="training inputs: digits | shapes | FILE.npz | DIR")
+    p.add_argument("--train-size", type=int, default=1024, metavar="N", help="training samples (default 1024)")
+    p.add_argument("--steps", type=int, default=1000, metavar="N", help="training steps (default 1000)")
+    p.add_argument("--eval", metavar="DATA", help="labelled data to score teacher and student on")
+    p.add_argument("-o", "--output", required=True, help="student to write (.relax or .onnx)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_distill)
+
+
+# ---------------------------------------------------------------- ensemble
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from ..frontend import load_model, parse_shapes
+    from . import data as data_mod
+    from .distill import compare
+    from .ensemble import combine, train_members
+
+    if not args.output.endswith((".relax", ".onnx")):
+        raise TvmedgeError(f"-o {args.output}: write the ensemble as .relax or .onnx")
+    if bool(args.models) == bool(args.train):
+        raise TvmedgeError("give the member models, or --train SPEC --members N --data DATA to train them")
+    weights = [float(v) for v in args.weights.split(",")] if args.weights else None
+    report: dict[str, Any] = {}
+    if args.train:
+        if not args.data:
+            raise TvmedgeError("--train needs labelled training data: --data digits|shapes|FILE.npz")
+        from .distill import build_student
+
+        build_student(args.train)  # unknown spec: one clear error before loading data
+        train = data_mod.load(args.data, _spec_model(args.train), "train", limit=args.train_size)
+        members, alphas, report["training"] = train_members(args.train, train, args.members, boost=args.boost,
+                                                            steps=args.steps, progress=not args.json)
+        if args.combine == "weighted" and weights is None:
+            weights = alphas
+    else:
+        if args.boost:
+            raise TvmedgeError("--boost trains members: use it with --train")
+        members = [load_model(m, parse_shapes(args.input_shape)) for m in args.models]
+    ens = combine(members, args.combine, weights)
+    evals = data_mod.load(args.eval, ens, "eval") if args.eval else None
+    named = {f"member {i + 1}": m for i, m in enumerate(members)}
+    report["compare"] = compare({**named, "ensemble": ens}, evals, repeat=args.repeat)
+    report.update(combine=args.combine, members=len(members), metric=evals.metric if evals else None,
+                  output=args.output, weights=ens.rewrites[0]["weights"])
+    _write_model(ens, args.output)
+    if args.json:
+        print(dumps(report))
+        return 0
+    for who, r in report["compare"].items():
+        score = f", {report['metric']} {100 * r['metric']:.2f}" if r.get("metric") is not None else ""
+        print(f"{who}: {r['params']} parameters{score}, {r['latency_ms']:.3f} ms (default schedules, this host)")
+    print(f"ensemble ({args.combine}, weights {report['weights']}): one main, {len(members)} members; wrote {args.output}")
+    return 0
+
+
+def _spec_model(spec: str) -> ImportedModel:
+    """The input/output shapes a zoo student spec takes (for loading its data)."""
+    from ..core.model import TensorSpec
+    from .distill import build_student
+
+    import torch
+
+    shape = {"digits-cnn": [1, 1, 8, 8], "shapes-seg": [1, 3, 64, 64]}[spec.split("/")[0]]
+    with torch.no_grad():
+        out = build_student(spec).eval()(torch.zeros(shape))
+    return ImportedModel(mod=None, inputs=[TensorSpec("input", shape, "float32")],
+                         outputs=[TensorSpec("logits", list(out.shape), "float32")], format="spec", source=spec,
+                         sha256="")
+
+
+def _register_ensemble(sub: Any) -> None:
+    from .distill import STUDENTS
+
+    p = sub.add_parser("ensemble", help="combine models (or train bagged/boosted members) into ONE deployable model")
+    p.add_argument("models", nargs="*", help="member models (ONNX, .pt2, TFLite, .relax) with the same shapes")
+    p.add_argument("--combine", choices=["mean", "vote", "weighted"], default="mean",
+                   help="mean of softmax, majority vote, or weighted mean of softmax (default mean)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="member weights for --combine weighted")
+    p.add_argument("--train", metavar="SPEC", help=f"train the members from a zoo spec ({', '.join(STUDENTS)})")
+    p.add_argument("--members", type=int, default=3, metavar="N", help="members to train (default 3)")
+    p.add_argument("--boost", action="store_true",
+                   help="boosting (SAMME: sequential, reweighting the errors) instead of bagging (bootstrap samples)")
+    p.add_argument("--data", metavar="DATA", help="labelled training data for --train: digits | shapes | FILE.npz")
+    p.add_argument("--train-size", type=int, default=None, metavar="N", help="training samples (default all)")
+    p.add_argument("--steps", type=int, default=300, metavar="N", help="training steps per member (default 300)")
+    p.add_argument("--eval", metavar="DATA", help="labelled data to score each member and the ensemble on")
+    p.add_argument("--repeat", type=int, default=50, help="timed runs per model (default 50)")
+    p.add_argument("-o", "--output", required=True, help="ensemble to write (.relax or .onnx)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_ensemble)
