@@ -3,7 +3,7 @@
 * distill: a quarter-width digits student trained from the digits teacher (logits KD, labels
   and a feature hint) learns the task; students that do not fit the teacher's input or
   output shapes are one clear error each;
-* ensemble: three bagged members combined into ONE ``main`` whose output is exactly the mean
+* ensemble: bagged members combined into ONE ``main`` whose output is exactly the mean
   of the members' softmax (checked against the members run one by one), votes likewise;
   members with different output shapes refused with both shapes; the CLI end to end;
 * slow: on digits, the ensemble of small members beats its best member.
@@ -38,6 +38,7 @@ def digits(tmp_path_factory):
             "eval": data_mod.load("digits", model, "eval", limit=200)}
 
 
+@pytest.mark.slow
 def test_distill_quarter_student(digits):
     student, rep = distill(digits["model"], "digits-cnn/quarter", digits["train"], steps=150,
                            eval_data=digits["eval"], progress=False)
@@ -68,12 +69,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def test_ensemble_is_one_main_and_exact(digits):
-    members, _, rep = train_members("digits-cnn/quarter", digits["train"], 3, steps=40, progress=False)
+    members, _, rep = train_members("digits-cnn/quarter", digits["train"], 2, steps=30, progress=False)
     assert rep["method"] == "bagging" and all(r["bootstrap_unique"] < 512 for r in rep["rows"])
     ens = combine(members, "mean")
     assert [gv.name_hint for gv, _ in ens.mod.functions_items()] == ["main"]
     vote = combine(members, "vote")
-    xs = digits["eval"].samples[:8]
+    xs = digits["eval"].samples[:4]
     outs = [[HostRunner(m)(s)[0] for s in xs] for m in members]
     got, got_vote = HostRunner(ens), HostRunner(vote)
     for i, s in enumerate(xs):
@@ -91,6 +92,7 @@ def test_ensemble_refuses_different_outputs(digits):
         combine([digits["model"], digits["model"]], "weighted", [1.0])
 
 
+@pytest.mark.slow
 def test_cli_ensemble_train_boost(digits, tmp_path):
     out = tmp_path / "ens.relax"
     proc = run_cli("ensemble", "--train", "digits-cnn/quarter", "--members", "2", "--boost", "--steps", "30",

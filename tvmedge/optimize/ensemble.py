@@ -37,7 +37,6 @@ COMBINE = ("mean", "vote", "weighted")
 
 def combine(members: list[ImportedModel], how: str = "mean", weights: list[float] | None = None) -> ImportedModel:
     """One model running every member on the same input and combining their first outputs."""
-    import tvm
     from tvm import relax
     from tvm.relax.utils import copy_with_new_vars
 
@@ -65,19 +64,15 @@ def combine(members: list[ImportedModel], how: str = "mean", weights: list[float
     w = np.asarray(weights if how == "weighted" else [1.0] * len(members), np.float64)
     w = w / w.sum()
 
-    mod = tvm.IRModule()
+    bb = relax.BlockBuilder()
     gvs = []
     for i, m in enumerate(members):
         for gv, func in m.mod.functions_items():
             if gv.name_hint != "main":
                 raise TvmedgeError(f"member {i + 1} ({m.source}) holds function {gv.name_hint} besides main "
                                    f"(hand-written kernels): only plain Relax graphs can be combined")
-        f = copy_with_new_vars(m.mod["main"]).without_attr("global_symbol")
-        gv = relax.GlobalVar(f"member_{i}")
-        mod[gv] = f
-        gvs.append(gv)
+        gvs.append(bb.add_func(copy_with_new_vars(m.mod["main"]).without_attr("global_symbol"), f"member_{i}"))
 
-    bb = relax.BlockBuilder(mod)
     spec = members[0].inputs
     params = [relax.Var(s.name, relax.TensorType(s.shape, s.dtype)) for s in spec]
     R = relax.op
