@@ -5,6 +5,7 @@
 * ``--format float``: the int8 weights dequantized, no QuantizeLinear left;
 * a low-rank model keeps its factorized structure in the ONNX graph;
 * binarized layers are refused naming the layer, and nothing is written;
+* an ensemble (one main, vote) runs in both runtimes;
 * shapes-seg int8 (slow).
 """
 
@@ -104,3 +105,26 @@ def test_shapes_int8_export(tmp_path):
         # a value rounded the other way at a tie in one layer moves later ones by a step or two
         assert v[rt]["max_abs"] <= 3 * int8_step(rep), (rt, v[rt])
         assert v[rt]["argmax_agreement"] > 0.999
+
+
+def test_ensemble_export(tmp_path):
+    import torch
+    import torch.nn as nn
+
+    from tvmedge.optimize.data import Dataset
+    from tvmedge.optimize.distill import torch_to_model
+    from tvmedge.optimize.ensemble import combine
+
+    members = []
+    for i in range(3):
+        torch.manual_seed(i)
+        members.append(torch_to_model(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [1, 1, 8, 8], "input",
+                                      "logits", f"m{i}"))
+    data = Dataset(name="r", samples=[{"input": np.random.default_rng(i).standard_normal((1, 1, 8, 8))
+                                       .astype(np.float32)} for i in range(4)])
+    ens = combine(members, "vote")  # softmax, reduce-max, equal, cast: all in the ONNX graph
+    rep = write_onnx(ens, tmp_path / "ens.onnx")
+    assert ops(rep["output"]).count("MatMul") == 3 and "Equal" in ops(rep["output"])
+    v = verify(ens, rep["output"], data)
+    for rt in ("onnxruntime", "openvino"):
+        assert v[rt]["max_abs"] < 1e-5 and v[rt]["argmax_agreement"] == 1.0
