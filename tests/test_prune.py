@@ -108,7 +108,7 @@ def test_digits_prune_and_errors(tmp_path):
 @pytest.mark.slow
 def test_prune_finetune_digits_within_one_point(tmp_path):
     src = zoo.export("digits-cnn", tmp_path / "d.onnx")
-    proc = run_cli("optimize", str(src), "-o", str(tmp_path / "p.relax"), "--prune", "0.5", "--criterion", "taylor",
+    proc = run_cli("optimize", str(src), "-o", str(tmp_path / "p.relax"), "--prune", "0.5", "--criterion", "l1",
                    "--calib", "digits", "--calib-size", "1000", "--finetune-steps", "300", "--eval", "digits",
                    "--max-drop", "1.0", "--json", check=True, in_process=True)
     rep = json.loads(proc.stdout)
