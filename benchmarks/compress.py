@@ -1,4 +1,4 @@
-"""Compression on this host: fp32 vs int8 vs low-rank vs compact filters, per zoo model.
+"""Compression on this host: fp32 vs int8 vs low-rank vs compact filters vs pruned, per zoo model.
 
 Each variant is compiled for the host, tuned with the same MetaSchedule budget
 (``--trials``, through a local tracker and RPC server as ``tvmedge tune`` does; 0 = untuned)
@@ -36,12 +36,13 @@ TRAINED = {"shapes-seg": "shapes", "digits-cnn": "digits"}
 
 def _variants(name: str, model: Any, calib: Any, tune_data: Any, args: argparse.Namespace) -> dict[str, Any]:
     """name -> (model, report) or an error string: each variant is one pipeline of passes."""
-    from tvmedge.optimize.passes import Compact, Finetune, Int8, LowRank, PassContext, Pipeline
+    from tvmedge.optimize.passes import Compact, Finetune, Int8, LowRank, PassContext, Pipeline, Prune
 
     finetune = [Finetune(args.finetune_steps, data=tune_data)] if name in TRAINED and args.finetune_steps else []
     pipelines = {"int8": [Int8()],
                  "lowrank": [LowRank(flops_ratio=args.lowrank_flops)] + finetune,
-                 "compact": [Compact(max_error=args.compact_max_error)] + finetune}
+                 "compact": [Compact(max_error=args.compact_max_error)] + finetune,
+                 "prune": [Prune(flops_ratio=args.prune_flops)] + finetune}
     out: dict[str, Any] = {"fp32": (model, {})}
     for kind, passes in pipelines.items():
         t0 = time.time()
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--lowrank-flops", type=float, default=0.5, help="low-rank FLOP budget (after / before)")
     ap.add_argument("--compact-max-error", type=float, default=0.1)
+    ap.add_argument("--prune-flops", type=float, default=0.5, help="structured-pruning FLOP budget (after / before)")
     ap.add_argument("--finetune-steps", type=int, default=500)
     ap.add_argument("--finetune-samples", type=int, default=512, help="inputs the fine-tune distils on")
     ap.add_argument("--calib-size", type=int, default=32)
@@ -187,7 +189,7 @@ def main() -> None:
             met = r["speedup"] >= speed and (drop is None or drop <= 1.0)
             return (f"{kind} {r['speedup']:.2f}x" + (f", drop {drop:.2f} pt" if drop is not None else ", no labels")
                     + f" -> goal {'met' if met else 'NOT met'}")
-        print(f"{name}: {goal('int8', 2.0)}; {goal('lowrank', 1.5)}; {goal('compact', 1.5)}")
+        print(f"{name}: {goal('int8', 2.0)}; {goal('lowrank', 1.5)}; {goal('compact', 1.5)}; {goal('prune', 1.5)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2, default=float))
     print(f"wrote {args.json}")

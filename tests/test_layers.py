@@ -29,7 +29,7 @@ LAYER_BY_PREFIX = [  # most specific first
     ("tvmedge.optimize", 3), ("tvmedge.binary", 3), ("tvmedge.kernels", 3),
     ("tvmedge.vta.board", 4), ("tvmedge.vta", 3),
     ("tvmedge.build", 4), ("tvmedge.run", 4), ("tvmedge.tune", 4), ("tvmedge.deploy", 4),
-    ("tvmedge.bench", 4), ("tvmedge.zoo", 4), ("tvmedge.app", 4),
+    ("tvmedge.bench", 4), ("tvmedge.zoo", 4), ("tvmedge.app", 4), ("tvmedge.export", 4),
     ("tvmedge.demo", 5), ("tvmedge.__main__", 5), ("tvmedge.cli", 5),
 ]
 

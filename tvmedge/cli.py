@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib.util
 
     for extra in ("tvmedge.deploy.cli", "tvmedge.tune.cli", "tvmedge.kernels.cli", "tvmedge.optimize.cli",
-                  "tvmedge.app.cli"):
+                  "tvmedge.app.cli", "tvmedge.export.cli"):
         try:
             present = importlib.util.find_spec(extra) is not None
         except ModuleNotFoundError:  # its package is not there yet

@@ -37,6 +37,14 @@ def add_optimize_args(p: argparse.ArgumentParser) -> None:
                    help="compact-filter rewrites of KxK convs (needs --calib)")
     g.add_argument("--compact-max-error", type=float, default=0.05, metavar="E",
                    help="largest relative output error a compact rewrite may add to its layer (default 0.05)")
+    g.add_argument("--prune", type=float, metavar="RATIO",
+                   help="structured pruning: remove this fraction of the channels of each dependency group "
+                        "(whole filters, across residual adds and concats); add --finetune-steps to recover")
+    g.add_argument("--prune-flops", type=float, metavar="RATIO",
+                   help="structured pruning to this fraction of the conv/matmul FLOPs (one channel ratio for all groups)")
+    g.add_argument("--criterion", choices=["l1", "taylor", "bn-gamma"], default="l1",
+                   help="channel importance for pruning: filter L1 norm, first-order Taylor on --calib, "
+                        "or BatchNorm gamma (default l1)")
     g.add_argument("--eval", metavar="DATA", help="labelled data to measure the accuracy drop on: digits | shapes | FILE.npz")
     g.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="largest accuracy drop allowed (points; needs --eval); int8 falls back to float per layer")
@@ -50,7 +58,8 @@ def rewrite_options(args: argparse.Namespace) -> RewriteOptions:
     return RewriteOptions(quantize=args.quantize, observer=args.observer, lowrank=args.lowrank,
                           lowrank_flops=args.lowrank_flops, compact=args.compact,
                           compact_max_error=args.compact_max_error, finetune_steps=args.finetune_steps,
-                          max_drop=args.max_drop)
+                          max_drop=args.max_drop, prune=args.prune, prune_flops=args.prune_flops,
+                          criterion=args.criterion)
 
 
 def wants_rewrites(args: argparse.Namespace) -> bool:
@@ -63,6 +72,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise TvmedgeError("--quantize and --compact need calibration data: --calib digits|shapes|FILE.npz|DIR")
     if args.finetune_steps and not args.calib:
         raise TvmedgeError("--finetune-steps distils on calibration data: give --calib digits|shapes|FILE.npz")
+    if args.criterion == "taylor" and (args.prune or args.prune_flops) and not args.calib:
+        raise TvmedgeError("--criterion taylor scores channels on calibration data: give --calib DATA")
     if args.max_drop is not None and not args.eval:
         raise TvmedgeError("--max-drop needs labelled data to measure the drop on: --eval DATA")
     if args.calib_size is not None and args.calib_size < 1:
@@ -103,6 +114,10 @@ def print_report(report: dict[str, Any], out=None) -> None:
             console.print(table)
         else:
             console.print(f"{rep['rewrite']}: no layer rewritten")
+        if rep["rewrite"] == "prune":
+            console.print(f"prune ({rep['criterion']}): channel ratio {rep['ratio']:.3g} removed per group; model FLOPs "
+                          f"{rep['model_flops_before'] / 1e6:.1f} M -> {rep['model_flops_after'] / 1e6:.1f} M "
+                          f"(ratio {rep['model_flops_after'] / rep['model_flops_before']:.3f})")
         if rep["rewrite"] == "lowrank" and rep.get("model_flops_before"):
             console.print(f"lowrank: kept spectral energy {rep['energy']:.4g} per layer; model FLOPs "
                           f"{rep['model_flops_before'] / 1e6:.1f} M -> {rep['model_flops_after'] / 1e6:.1f} M "
@@ -134,9 +149,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not args.output.endswith(".relax"):
         raise TvmedgeError(f"-o {args.output}: the optimized model is written as a .relax file")
     if not wants_rewrites(args):
-        raise TvmedgeError("nothing to do: give --quantize int8, --lowrank/--lowrank-flops and/or --compact")
+        raise TvmedgeError("nothing to do: give --quantize int8, --prune/--prune-flops, --lowrank/--lowrank-flops "
+                           "and/or --compact")
     model = load_model(args.model, parse_shapes(args.input_shape))
     new, report = apply_rewrites(model, args, progress=not args.json)
+    drop = report["check"].get("drop_points")
+    if (args.prune or args.prune_flops) and args.max_drop is not None and drop is not None and drop > args.max_drop:
+        raise TvmedgeError(f"the pruned model drops {drop:.2f} points on {args.eval} (> --max-drop {args.max_drop:g}); "
+                           f"{args.output} not written: use a smaller ratio or more --finetune-steps")
     save_relax(new, args.output)
     report.update(model=os.path.basename(args.model), output=args.output,
                   bytes_before=os.path.getsize(args.model), bytes_after=os.path.getsize(args.output))
@@ -157,3 +177,148 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_optimize_args(p)
     p.set_defaults(func=cmd_optimize)
+    _register_distill(sub)
+    _register_ensemble(sub)
+
+
+# ---------------------------------------------------------------- distill
+def _write_model(model: ImportedModel, path: str) -> None:
+    """A student/ensemble as ``.relax`` (compile/tune/run read it) or ``.onnx`` (via tvmedge export)."""
+    from ..core.model import save_relax
+
+    if path.endswith(".relax"):
+        save_relax(model, path)
+    elif path.endswith(".onnx"):
+        from ..export.onnx import write_onnx  # noqa: PLC0415  (cli layer: may import any stage)
+
+        write_onnx(model, path, "float")
+    else:
+        raise TvmedgeError(f"-o {path}: write the model as .relax or .onnx")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..frontend import load_model, parse_shapes
+    from . import data as data_mod
+    from .distill import distill
+
+    if not args.output.endswith((".relax", ".onnx")):
+        raise TvmedgeError(f"-o {args.output}: write the student as .relax or .onnx")
+    teacher = load_model(args.teacher, parse_shapes(args.input_shape))
+    train = data_mod.load(args.data, teacher, "train", limit=args.train_size)
+    evals = data_mod.load(args.eval, teacher, "eval") if args.eval else None
+    student, report = distill(teacher, args.student, train, steps=args.steps, eval_data=evals,
+                              progress=not args.json)
+    _write_model(student, args.output)
+    report.update(teacher=os.path.basename(args.teacher), output=args.output)
+    if args.json:
+        print(dumps(report))
+        return 0
+    c, metric = report["compare"], report["metric"]
+    for who in ("teacher", "student"):
+        r = c[who]
+        score = f", {metric} {100 * r['metric']:.2f}" if r.get("metric") is not None else ""
+        print(f"{who}: {r['params']} parameters{score}, {r['latency_ms']:.3f} ms (default schedules, this host)")
+    print(f"student {args.student}: {report['training']['steps']} steps ({report['loss']}), "
+          f"{report['seconds']} s; latency ratio {c['teacher']['latency_ms'] / c['student']['latency_ms']:.2f}x")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _register_distill(sub: Any) -> None:
+    from .distill import STUDENTS
+
+    p = sub.add_parser("distill", help="train a smaller student from a teacher model (logits KD + feature hints)")
+    p.add_argument("teacher", help="teacher model: ONNX, .pt2, TFLite or .relax")
+    p.add_argument("--student", required=True, metavar="SPEC|MODEL",
+                   help=f"zoo student spec ({', '.join(STUDENTS)}) or a model file with the teacher's shapes")
+    p.add_argument("--data", required=True, metavar="DATA", help="training inputs: digits | shapes | FILE.npz | DIR")
+    p.add_argument("--train-size", type=int, default=1024, metavar="N", help="training samples (default 1024)")
+    p.add_argument("--steps", type=int, default=1000, metavar="N", help="training steps (default 1000)")
+    p.add_argument("--eval", metavar="DATA", help="labelled data to score teacher and student on")
+    p.add_argument("-o", "--output", required=True, help="student to write (.relax or .onnx)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_distill)
+
+
+# ---------------------------------------------------------------- ensemble
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from ..frontend import load_model, parse_shapes
+    from . import data as data_mod
+    from .distill import compare
+    from .ensemble import combine, train_members
+
+    if not args.output.endswith((".relax", ".onnx")):
+        raise TvmedgeError(f"-o {args.output}: write the ensemble as .relax or .onnx")
+    if bool(args.models) == bool(args.train):
+        raise TvmedgeError("give the member models, or --train SPEC --members N --data DATA to train them")
+    weights = [float(v) for v in args.weights.split(",")] if args.weights else None
+    report: dict[str, Any] = {}
+    if args.train:
+        if not args.data:
+            raise TvmedgeError("--train needs labelled training data: --data digits|shapes|FILE.npz")
+        from .distill import build_student
+
+        build_student(args.train)  # unknown spec: one clear error before loading data
+        train = data_mod.load(args.data, _spec_model(args.train), "train", limit=args.train_size)
+        members, alphas, report["training"] = train_members(args.train, train, args.members, boost=args.boost,
+                                                            steps=args.steps, progress=not args.json)
+        if args.combine == "weighted" and weights is None:
+            weights = alphas
+    else:
+        if args.boost:
+            raise TvmedgeError("--boost trains members: use it with --train")
+        members = [load_model(m, parse_shapes(args.input_shape)) for m in args.models]
+    ens = combine(members, args.combine, weights)
+    evals = data_mod.load(args.eval, ens, "eval") if args.eval else None
+    named = {f"member {i + 1}": m for i, m in enumerate(members)}
+    report["compare"] = compare({**named, "ensemble": ens}, evals, repeat=args.repeat)
+    report.update(combine=args.combine, members=len(members), metric=evals.metric if evals else None,
+                  output=args.output, weights=ens.rewrites[0]["weights"])
+    _write_model(ens, args.output)
+    if args.json:
+        print(dumps(report))
+        return 0
+    for who, r in report["compare"].items():
+        score = f", {report['metric']} {100 * r['metric']:.2f}" if r.get("metric") is not None else ""
+        print(f"{who}: {r['params']} parameters{score}, {r['latency_ms']:.3f} ms (default schedules, this host)")
+    print(f"ensemble ({args.combine}, weights {report['weights']}): one main, {len(members)} members; wrote {args.output}")
+    return 0
+
+
+def _spec_model(spec: str) -> ImportedModel:
+    """The input/output shapes a zoo student spec takes (for loading its data)."""
+    from ..core.model import TensorSpec
+    from .distill import build_student
+
+    import torch
+
+    shape = {"digits-cnn": [1, 1, 8, 8], "shapes-seg": [1, 3, 64, 64]}[spec.split("/")[0]]
+    with torch.no_grad():
+        out = build_student(spec).eval()(torch.zeros(shape))
+    return ImportedModel(mod=None, inputs=[TensorSpec("input", shape, "float32")],
+                         outputs=[TensorSpec("logits", list(out.shape), "float32")], format="spec", source=spec,
+                         sha256="")
+
+
+def _register_ensemble(sub: Any) -> None:
+    from .distill import STUDENTS
+
+    p = sub.add_parser("ensemble", help="combine models (or train bagged/boosted members) into ONE deployable model")
+    p.add_argument("models", nargs="*", help="member models (ONNX, .pt2, TFLite, .relax) with the same shapes")
+    p.add_argument("--combine", choices=["mean", "vote", "weighted"], default="mean",
+                   help="mean of softmax, majority vote, or weighted mean of softmax (default mean)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="member weights for --combine weighted")
+    p.add_argument("--train", metavar="SPEC", help=f"train the members from a zoo spec ({', '.join(STUDENTS)})")
+    p.add_argument("--members", type=int, default=3, metavar="N", help="members to train (default 3)")
+    p.add_argument("--boost", action="store_true",
+                   help="boosting (SAMME: sequential, reweighting the errors) instead of bagging (bootstrap samples)")
+    p.add_argument("--data", metavar="DATA", help="labelled training data for --train: digits | shapes | FILE.npz")
+    p.add_argument("--train-size", type=int, default=None, metavar="N", help="training samples (default all)")
+    p.add_argument("--steps", type=int, default=300, metavar="N", help="training steps per member (default 300)")
+    p.add_argument("--eval", metavar="DATA", help="labelled data to score each member and the ensemble on")
+    p.add_argument("--repeat", type=int, default=50, help="timed runs per model (default 50)")
+    p.add_argument("-o", "--output", required=True, help="ensemble to write (.relax or .onnx)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_ensemble)

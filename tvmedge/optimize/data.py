@@ -96,18 +96,19 @@ def _from_images(folder: Path, model: ImportedModel, what: str, limit: int) -> d
     return {model.inputs[0].name: np.stack(imgs).astype(np.float32)}
 
 
-def _builtin(name: str, split: str) -> tuple[np.ndarray, np.ndarray, str, int]:
+def _builtin(name: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """``split``: calib, eval, or train (for distillation; digits: the same images as calib)."""
     if name == "digits":
         from ..zoo.digits import load_split
 
         xtr, ytr, xte, yte = load_split()
-        return (xtr, ytr, "accuracy", 10) if split == "calib" else (xte, yte, "accuracy", 10)
+        return (xtr, ytr, "accuracy", 10) if split in ("calib", "train") else (xte, yte, "accuracy", 10)
     if name == "shapes":
         try:
             from ..zoo.shapes import dataset
         except ImportError:
             raise TvmedgeError("the 'shapes' data set needs tvmedge.zoo.shapes") from None
-        x, y = dataset(split)
+        x, y = dataset(split, limit if split == "train" else None)  # train: 6000 scenes unless limited
         return x, y, "miou", int(y.max()) + 1
     raise KeyError(name)
 
@@ -116,14 +117,14 @@ BUILTIN = ("digits", "shapes")
 
 
 def load(spec: str | os.PathLike, model: ImportedModel, split: str = "calib", limit: int | None = None) -> Dataset:
-    """The data set named by ``spec`` shaped for ``model``; ``split`` is ``calib`` or ``eval``."""
+    """The data set named by ``spec`` shaped for ``model``; ``split`` is ``calib``, ``eval`` or ``train``."""
     what = "calibration data" if split == "calib" else "evaluation data"
     spec_s = str(spec)
     labels = None
     metric = None
     classes = None
     if spec_s in BUILTIN:
-        x, labels, metric, classes = _builtin(spec_s, split)
+        x, labels, metric, classes = _builtin(spec_s, split, limit)
         if len(model.inputs) != 1:
             raise TvmedgeError(f"built-in data '{spec_s}' fits single-input models only")
         arrays = {model.inputs[0].name: x}

@@ -6,6 +6,7 @@ as ``pass_(model, ctx) -> (model, report)``; ``report`` is a plain dict (``{"rew
 passes wrap the rewrites of this package (each usable alone, too):
 
 * :class:`FoldQDQ`  - models quantized elsewhere (QDQ) to real int8 ops;
+* :class:`Prune`    - structured pruning: whole channels, across residual adds and concats;
 * :class:`LowRank`  - truncated-SVD / Tucker-2 factorization;
 * :class:`Compact`  - compact-filter rewrites fitted on calibration data;
 * :class:`Finetune` - distillation from the original model into the rewritten one;
@@ -96,6 +97,37 @@ class LowRank(Pass):
         from .lowrank import factorize
 
         return factorize(model, energy=self.energy, flops_ratio=self.flops_ratio, calib=ctx.calib)
+
+
+@dataclass
+class Prune(Pass):
+    """Remove ``ratio`` of each dependency group's channels, or reach ``flops_ratio`` of the FLOPs."""
+
+    ratio: float | None = None
+    flops_ratio: float | None = None
+    criterion: str = "l1"
+    name: ClassVar[str] = "prune"
+
+    def __post_init__(self) -> None:
+        from .prune import CRITERIA
+
+        if (self.ratio is None) == (self.flops_ratio is None):
+            raise TvmedgeError("give --prune RATIO or --prune-flops RATIO, not both")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise TvmedgeError(f"--prune takes the fraction of channels to remove, in (0, 1), got {self.ratio}")
+        if self.flops_ratio is not None and not 0 < self.flops_ratio < 1:
+            raise TvmedgeError(f"--prune-flops takes the fraction of FLOPs to keep, in (0, 1), got {self.flops_ratio}")
+        if self.criterion not in CRITERIA:
+            raise TvmedgeError(f"unknown --criterion '{self.criterion}' ({', '.join(CRITERIA)})")
+
+    def required(self) -> tuple[str, ...]:
+        return ("calib",) if self.criterion == "taylor" else ()
+
+    def run(self, model, ctx):
+        from .prune import prune
+
+        return prune(model, ratio=self.ratio, flops_ratio=self.flops_ratio, criterion=self.criterion,
+                     calib=ctx.calib, progress=ctx.progress)
 
 
 @dataclass
@@ -209,17 +241,25 @@ class RewriteOptions:
     compact_max_error: float = 0.05
     finetune_steps: int = 0
     max_drop: float | None = None
+    prune: float | None = None
+    prune_flops: float | None = None
+    criterion: str = "l1"
 
     def any(self) -> bool:
-        return bool(self.quantize or self.lowrank or self.lowrank_flops or self.compact)
+        return bool(self.quantize or self.lowrank or self.lowrank_flops or self.compact or self.prune
+                    or self.prune_flops)
 
 
 def passes_from_options(opts: RewriteOptions) -> list[Pass]:
-    """The CLI's order: low-rank, compact filters, fine-tuning of what they changed, then int8
+    """The CLI's order: pruning, low-rank, compact filters, fine-tuning of what they changed, then int8
     (it quantizes the already-factorized layers)."""
     if opts.lowrank and opts.lowrank_flops:
         raise TvmedgeError("give --lowrank ENERGY or --lowrank-flops RATIO, not both")
     passes: list[Pass] = []
+    if opts.prune or opts.prune_flops:
+        if opts.prune and opts.prune_flops:
+            raise TvmedgeError("give --prune RATIO or --prune-flops RATIO, not both")
+        passes.append(Prune(ratio=opts.prune, flops_ratio=opts.prune_flops, criterion=opts.criterion))
     if opts.lowrank or opts.lowrank_flops:
         passes.append(LowRank(energy=opts.lowrank, flops_ratio=opts.lowrank_flops))
     if opts.compact:
