@@ -99,6 +99,9 @@ def test_cli_ensemble_train_boost(digits, tmp_path):
                    "--data", "digits", "--train-size", "256", "--eval", "digits", "--combine", "weighted",
                    "-o", str(out), "--json", check=True, in_process=True)
     rep = json.loads(proc.stdout)
+    from tvmedge.core.schema import validate
+
+    validate(rep)
     assert out.exists() and rep["training"]["method"] == "boosting (SAMME)"
     assert set(rep["compare"]) == {"member 1", "member 2", "ensemble"}
 

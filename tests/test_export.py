@@ -85,6 +85,10 @@ def test_cli_export_and_binary_refused(digits, tmp_path):
     proc = run_cli("export", str(digits["dir"] / "digits.onnx"), "-o", str(out), "--samples", "4", "--json",
                    check=True, in_process=True)
     rep = json.loads(proc.stdout)
+    from tvmedge.core.schema import validate
+
+    validate(rep)
+    assert rep["command"] == "export"
     assert set(rep["verify"]) == {"onnxruntime", "openvino"} and out.exists()
     bnn = zoo.export("digits-bnn", tmp_path / "bnn.relax")
     proc = run_cli("export", str(bnn), "-o", str(tmp_path / "bnn.onnx"), in_process=True)

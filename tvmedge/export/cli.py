@@ -29,7 +29,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         report["verify"] = verify(model, args.output, data, limit=args.samples)
         report["int8_step"] = int8_step(report)
     if args.json:
-        print(dumps(report))
+        from ..core.schema import envelope
+
+        print(dumps(envelope("export", report)))
         return 0
     n8 = len(report["int8_layers"]) or report["dequantized_int8_layers"]
     kind = {"qdq": f"{n8} int8 layer(s) as QDQ", "float": f"{n8} int8 layer(s) dequantized to float"}[args.format]

@@ -211,7 +211,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     _write_model(student, args.output)
     report.update(teacher=os.path.basename(args.teacher), output=args.output)
     if args.json:
-        print(dumps(report))
+        print(dumps(envelope("distill", report)))
         return 0
     c, metric = report["compare"], report["metric"]
     for who in ("teacher", "student"):
@@ -277,7 +277,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
                   output=args.output, weights=ens.rewrites[0]["weights"])
     _write_model(ens, args.output)
     if args.json:
-        print(dumps(report))
+        print(dumps(envelope("ensemble", report)))
         return 0
     for who, r in report["compare"].items():
         score = f", {report['metric']} {100 * r['metric']:.2f}" if r.get("metric") is not None else ""
