@@ -136,9 +136,24 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         meta["library_bytes"] = lib.stat().st_size
         meta["library_sha256"] = file_sha256(lib)
         meta["schedules"] = schedules.to_dict()
+        if device.device == "cuda":
+            meta["device_code"] = _device_code(lib, device)
         meta["tuning_db_skipped"] = skipped
         write_artifact(out, lib, meta)
     return meta
+
+
+def _device_code(lib: Path, device: Device) -> dict[str, Any]:
+    """What GPU code the library embeds (PTX/cubin and for which arch); refuses CUDA source."""
+    from .lower.cuda import describe_library, enable
+
+    info = {**describe_library(lib), **{k: v for k, v in enable().items() if k != "format"}}
+    arch = str(device.target.attrs.get("arch", ""))
+    found = info.get("ptx_targets") or info.get("cubin_targets") or []
+    if info["format"] not in ("ptx", "cubin") or (arch and found != [arch]):
+        raise TvmedgeError(f"the library built for {device.name} holds no loadable GPU code for {arch} "
+                           f"({info['format']} {', '.join(found)}): not writing it")
+    return info
 
 
 def _slower_than_default(model: ImportedModel, device: Device, tuning_db: str | os.PathLike) -> str | None:

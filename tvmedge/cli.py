@@ -56,6 +56,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if sch["record_failed"]:
             line += f"; records that failed to apply (default rule used instead): {', '.join(sch['record_failed'])}"
         print(line)
+        code = meta.get("device_code")
+        if code:
+            arches = ", ".join(code.get("ptx_targets") or code.get("cubin_targets") or [])
+            isa = f" (PTX ISA {', '.join(code['ptx_isa'])}: needs a driver that knows it)" if code.get("ptx_isa") else ""
+            print(f"GPU code: {code['format']} for {arches}{isa}, NVRTC {code.get('nvrtc')}")
     return 0
 
 
