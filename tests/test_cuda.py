@@ -102,3 +102,59 @@ def test_runs_on_the_gpu_like_onnxruntime(digits_onnx, tmp_path):
     out = vm["main"](tvm.runtime.tensor(x, tvm.cuda(0))).numpy()
     ref = ort.InferenceSession(str(digits_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- tuning
+@pytest.mark.slow
+def test_tune_builder_makes_ptx_candidates_from_the_cuda_search_space(digits_onnx, tmp_path):
+    """``tvmedge tune --target jetson-nano``'s builder half, here: MetaSchedule's CUDA search
+    space for the heaviest task, candidates sampled and post-processed by its search strategy,
+    built by tvmedge's cross builder into aarch64 libraries holding sm_53 PTX. (The runner half
+    times them on the board over RPC: see the GPU test below.)"""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmedge.tune.measure import make_builder
+    from tvmedge.tune.tuner import _flops, tuning_tasks
+
+    device = resolve("jetson-nano")
+    tasks = tuning_tasks(load_model(digits_onnx), device)
+    task = max(tasks, key=lambda t: _flops(t.dispatched[0]) * t.weight)
+    ctx = ms.TuneContext(mod=task.dispatched[0], target=device.target, space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.ReplayTrace(), task_name=task.task_name,
+                         rand_state=1, num_threads=1)
+    spaces = ctx.generate_design_space()
+    rules = {str(inst.kind.name) for sch in spaces for inst in sch.trace.insts}
+    assert {"Split", "Bind"} <= rules  # a GPU space: tiled and bound to blocks/threads
+    ctx.pre_tuning(max_trials=4, num_trials_per_iter=4, design_spaces=spaces)
+    candidates = ctx.generate_measure_candidates()
+    assert candidates and len({str(c.sch.trace) for c in candidates}) > 1
+    builder = make_builder(device.cross_compiler, workers=2, timeout_s=300)
+    try:
+        results = builder.build([ms.builder.BuilderInput(c.sch.mod, device.target) for c in candidates])
+    finally:
+        builder.pool.shutdown()
+    built = [r.artifact_path for r in results if r.error_msg is None]
+    assert len(built) >= len(candidates) // 2, [r.error_msg for r in results]
+    for path in built:
+        lib = open(path, "rb").read()
+        assert lib[18] == 183 and re.search(rb"^\.target sm_53", lib, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("not _gpu()", reason="no CUDA GPU on this machine: the runner half of CUDA tuning (timing "
+                                        "candidates on the device over RPC) needs one")
+def test_tune_over_rpc_on_this_gpu(digits_onnx, tmp_path, tracker):
+    """The whole loop on a local GPU served over RPC, as on a Jetson: `tune` then `run`."""
+    import tvm
+
+    from conftest import run_cli
+    from tvmedge.deploy.launch import start_server
+
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    target = json.dumps({"kind": "cuda", "arch": arch, "host": host_target_dict()})
+    with start_server(tracker.addr, "gpu"):
+        proc = run_cli("tune", str(digits_onnx), "--target", target, "--tuning-db", str(tmp_path / "db"),
+                       "--trials", "16", "--rpc-tracker", tracker.address, "--rpc-key", "gpu", "--json")
+        assert proc.returncode == 0, proc.stderr
+        rep = json.loads(proc.stdout)
+        assert rep["trials_run"] >= 8 and rep["latency_ms"]["tuned"]["median"] > 0
