@@ -158,3 +158,46 @@ def test_tune_over_rpc_on_this_gpu(digits_onnx, tmp_path, tracker):
         assert proc.returncode == 0, proc.stderr
         rep = json.loads(proc.stdout)
         assert rep["trials_run"] >= 8 and rep["latency_ms"]["tuned"]["median"] > 0
+
+
+# ----------------------------------------------------------------------------- fp16
+def test_fp16_jetson_nano_ptx_computes_in_half_and_matches_onnxruntime(digits_onnx, tmp_path):
+    """--fp16: the PTX computes in half precision; the same fp16 model built for this CPU
+    stays within the stated tolerance of ONNX Runtime's fp32 outputs (and is not fp32)."""
+    import onnxruntime as ort
+    import tvm
+
+    from tvmedge.build import compile_model
+    from tvmedge.core.vm import ModelVM
+    from tvmedge.lower.fp16 import TOLERANCE, convert
+    from tvmedge.lower.pipeline import build
+
+    model = load_model(digits_onnx)
+    meta = compile_model(model, resolve("jetson-nano"), tmp_path / "h.tar", fp16=True)
+    (rw,) = [r for r in meta["rewrites"] if r["name"] == "fp16"]
+    assert 0 < rw["check"]["max_rel_error"] <= TOLERANCE
+    with tarfile.open(tmp_path / "h.tar") as tar:
+        lib = tar.extractfile("model.so").read()
+    assert len(re.findall(rb"\b(?:fma|mul|add)(?:\.rn)?\.f16\b", lib)) > 100 and re.search(rb"^\.target sm_53", lib, re.M)
+
+    ex, _ = build(convert(model.mod), tvm.target.Target(host_target_dict()))
+    vm = ModelVM(ex, tvm.cpu(), ["input"])
+    sess = ort.InferenceSession(str(digits_onnx), providers=["CPUExecutionProvider"])
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().images[:16, None] / 16.0).astype("float32")
+    agree = 0
+    for img in x:
+        out = vm({"input": img[None]})[0]
+        ref = sess.run(None, {"input": img[None]})[0]
+        assert np.abs(out - ref).max() <= TOLERANCE * np.abs(ref).max()
+        agree += int(out.argmax() == ref.argmax())
+    assert agree == len(x)
+
+
+def test_fp16_refused_for_cpu_targets(digits_onnx, tmp_path):
+    from tvmedge.build import compile_model
+
+    with pytest.raises(TvmedgeError, match="--fp16 is for CUDA targets"):
+        compile_model(load_model(digits_onnx), resolve("pi4"), tmp_path / "p.tar", fp16=True)
+    assert not (tmp_path / "p.tar").exists()

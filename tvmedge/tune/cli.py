@@ -25,6 +25,10 @@ def run_tune(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
+    if args.fp16:
+        from ..build import half_precision
+
+        model = half_precision(model, device)
     with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
                      log=lambda m: console.print(m, markup=False)) as pool:
         report = tune_model(model, device, args.tuning_db, TuneOptions(args.trials, resume=args.resume), pool,
@@ -118,5 +122,6 @@ def register_cli(sub) -> None:
     p.add_argument("--repeat", type=int, default=20, help="timed runs for the end-to-end comparison")
     p.add_argument("--no-compare", action="store_true", help="skip the tuned/untuned/ONNX Runtime comparison")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--fp16", action="store_true", help="CUDA targets: tune the fp16 model (as compile --fp16 builds it)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.set_defaults(func=run_tune)
