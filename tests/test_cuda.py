@@ -43,6 +43,7 @@ def test_jetson_artifact_embeds_ptx_for_its_arch(digits_onnx, tmp_path, target, 
     assert b"__global__" not in lib  # no CUDA C source left that a device could not load
     code = meta["device_code"]
     assert code["format"] == "ptx" and code["ptx_targets"] == [arch] and code["nvrtc"].startswith("12.")
+    assert code["min_cuda_driver"].startswith("12.")  # PTX ISA 8.x: loads with a CUDA 12 driver or newer
     assert meta["schedules"]["unscheduled"] == [] and meta["schedules"]["default_rule"] > 0
 
 

@@ -65,7 +65,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         code = meta.get("device_code")
         if code:
             arches = ", ".join(code.get("ptx_targets") or code.get("cubin_targets") or [])
-            isa = f" (PTX ISA {', '.join(code['ptx_isa'])}: needs a driver that knows it)" if code.get("ptx_isa") else ""
+            isa = (f" (PTX ISA {', '.join(code['ptx_isa'])}: the board's driver must be CUDA "
+                   f"{code.get('min_cuda_driver') or '?'} or newer)") if code.get("ptx_isa") else ""
             print(f"GPU code: {code['format']} for {arches}{isa}, NVRTC {code.get('nvrtc')}")
     return 0
 

@@ -218,6 +218,17 @@ def cuda_modules(mod) -> list:
     return out
 
 
+def _driver_for_ptx(version: str) -> str | None:
+    """The oldest CUDA driver whose JIT reads PTX ISA ``version`` (8.8 -> 12.9)."""
+    try:
+        from cuda.bindings.utils import get_minimal_required_cuda_ver_from_ptx_ver
+
+        v = get_minimal_required_cuda_ver_from_ptx_ver(version)
+    except (ImportError, ValueError):
+        return None
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
 _EM_CUDA = 190
 _PTX_TARGET = re.compile(rb"^\s*\.target\s+(sm_\d+)", re.M)
 _PTX_VERSION = re.compile(rb"^\s*\.version\s+(\d+\.\d+)", re.M)
@@ -230,7 +241,8 @@ def describe_library(path: str | os.PathLike) -> dict[str, Any]:
     targets = sorted({m.decode() for m in _PTX_TARGET.findall(data)})
     versions = sorted({m.decode() for m in _PTX_VERSION.findall(data)})
     if targets:
-        return {"format": "ptx", "ptx_targets": targets, "ptx_isa": versions}
+        return {"format": "ptx", "ptx_targets": targets, "ptx_isa": versions,
+                "min_cuda_driver": max((_driver_for_ptx(v) for v in versions), default=None)}
     if b"__global__" in data and b"extern \"C\"" in data:
         return {"format": "cuda-source", "deployable": False}
     # A cubin is an ELF object for the GPU (e_machine EM_CUDA) embedded in the library;
