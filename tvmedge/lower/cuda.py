@@ -126,6 +126,14 @@ def _load_runtime() -> str:
     return driver
 
 
+def runtime_env() -> dict[str, str]:
+    """Environment for a TVM process (an RPC server) that should load TVM's CUDA runtime
+    library by itself at ``import tvm``: libcudart.so.13 from the wheel on its library path."""
+    lib = _nvidia_dir() / "cu13" / "lib"
+    path = os.environ.get("LD_LIBRARY_PATH", "")
+    return {"LD_LIBRARY_PATH": f"{lib}:{path}" if path else str(lib)} if lib.is_dir() else {}
+
+
 def code_format() -> str:
     fmt = os.environ.get("TVMEDGE_CUDA_CODE", "ptx").lower()
     if fmt not in FORMATS:

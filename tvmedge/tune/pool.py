@@ -88,6 +88,15 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
                                    env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
             stack.callback(srv.stop)
             yield DevicePool((tr.host, tr.port), key, 1, False)
+        elif device.device == "cuda" and native and _local_gpu():
+            from ..lower.cuda import runtime_env
+
+            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server on this machine's GPU (key {key})")
+            tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
+            stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
+            srv = start_server(tracker=(tr.host, tr.port), key=key, env={"TMPDIR": tmpdir, **runtime_env()})
+            stack.callback(srv.stop)
+            yield DevicePool((tr.host, tr.port), key, 1, False)
         elif device.emulator:
             from ..deploy.emulate import EmulatedDevice
 
@@ -98,6 +107,15 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
         else:
             raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
                                "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
+
+
+def _local_gpu() -> bool:
+    import tvm
+
+    from ..lower.cuda import enable
+
+    enable()
+    return bool(tvm.cuda(0).exist)
 
 
 def measure_model(model: Any, device: Any, pool: DevicePool, db_dir: str | os.PathLike | None, repeat: int,
