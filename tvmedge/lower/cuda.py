@@ -76,7 +76,7 @@ def _stub_driver() -> Path:
     lib = cache / "libcuda.so.1"
     if lib.exists():
         return lib
-    cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cc = next((c for c in ("cc", "gcc", "clang", "g++") if shutil.which(c)), None)
     if cc is None:
         raise TvmedgeError("no CUDA driver here and no C compiler to build the stand-in TVM's CUDA "
                            "library needs in order to load (install gcc)")
@@ -84,7 +84,7 @@ def _stub_driver() -> Path:
     src = cache / "stub.c"
     src.write_text("".join(f"int {s}(void) {{ return {_CUDA_ERROR_NO_DEVICE}; }}\n" for s in _DRIVER_SYMBOLS))
     tmp = cache / f".libcuda.so.1.{os.getpid()}"
-    proc = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)],
+    proc = subprocess.run([cc, "-x", "c", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise TvmedgeError(f"building the CUDA driver stand-in failed: {proc.stderr.strip().splitlines()[-1:]}")
