@@ -74,10 +74,14 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     from ..run import arch_of_target
     from ..target import host_target_dict
 
+    native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
+    local_gpu = device.device == "cuda" and native and _local_gpu()
+    if not (device.device == "cpu" and native) and not local_gpu and not device.emulator:
+        raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
+                           "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
     with contextlib.ExitStack() as stack:
         tr = start_tracker()
         stack.callback(tr.stop)
-        native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
         if device.device == "cpu" and native:
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
             # TMPDIR: each server's sessions work under its own folder, which is how the
@@ -88,7 +92,7 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
                                    env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir})
             stack.callback(srv.stop)
             yield DevicePool((tr.host, tr.port), key, 1, False)
-        elif device.device == "cuda" and native and _local_gpu():
+        elif local_gpu:
             from ..lower.cuda import runtime_env
 
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server on this machine's GPU (key {key})")
@@ -104,9 +108,6 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
                 "its timings are not the real device's")
             stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
             yield DevicePool((tr.host, tr.port), key, 1, True)
-        else:
-            raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
-                               "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
 
 
 def _local_gpu() -> bool:
