@@ -27,17 +27,16 @@ def gpu_target() -> dict | None:
     import tvm
 
     from tvmedge.core.errors import TvmedgeError
-    from tvmedge.lower.cuda import enable
+    from tvmedge.lower.cuda import gpu_present
     from tvmedge.target import host_target_dict
 
     try:
-        enable()
+        if not gpu_present():
+            return None
     except TvmedgeError as e:
         print(f"CUDA compile path unavailable: {e}", file=sys.stderr)
         return None
     dev = tvm.cuda(0)
-    if not dev.exist:
-        return None
     return {"kind": "cuda", "arch": "sm_" + dev.compute_version.replace(".", ""),
             "max_threads_per_block": dev.max_threads_per_block, "max_shared_memory_per_block":
             dev.max_shared_memory_per_block, "thread_warp_size": dev.warp_size, "host": host_target_dict()}

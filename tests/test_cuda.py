@@ -19,12 +19,9 @@ pytest.importorskip("cuda.bindings", reason="cuda-bindings (tvmedge[cuda]) not i
 
 
 def _gpu() -> bool:
-    import tvm
+    from tvmedge.lower.cuda import gpu_present
 
-    from tvmedge.lower.cuda import enable
-
-    enable()
-    return bool(tvm.cuda(0).exist)
+    return gpu_present()
 
 
 @pytest.mark.parametrize("target,arch", [("jetson-nano", "sm_53"), ("jetson-xavier", "sm_72")])

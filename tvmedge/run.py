@@ -164,12 +164,9 @@ def arch_of_target(target: dict[str, Any]) -> str:
 
 def _local_gpu() -> None:
     """TVM's CUDA runtime library loaded here, and a GPU to run on (else one clear error)."""
-    import tvm
+    from .lower.cuda import gpu_present
 
-    from .lower.cuda import enable
-
-    enable()
-    if not tvm.cuda(0).exist:
+    if not gpu_present():
         raise TvmedgeError("artifact is for a CUDA GPU and this machine has none: run it on the device "
                            "with --rpc-tracker/--rpc-key or --rpc-host")
 

@@ -215,6 +215,14 @@ def enable() -> dict[str, Any]:
     return {**_enabled, "format": code_format()}
 
 
+def gpu_present() -> bool:
+    """Whether this machine has a CUDA GPU TVM can run on (loads TVM's CUDA runtime library)."""
+    import tvm
+
+    enable()
+    return bool(tvm.cuda(0).exist)
+
+
 def cuda_modules(mod) -> list:
     """The CUDA kernel modules imported (directly or not) by a runtime module."""
     out, todo = [], [mod]

@@ -75,7 +75,12 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     from ..target import host_target_dict
 
     native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
-    local_gpu = device.device == "cuda" and native and _local_gpu()
+    if device.device == "cuda" and native:
+        from ..lower.cuda import gpu_present
+
+        local_gpu = gpu_present()
+    else:
+        local_gpu = False
     if not (device.device == "cpu" and native) and not local_gpu and not device.emulator:
         raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
                            "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
@@ -108,15 +113,6 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
                 "its timings are not the real device's")
             stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
             yield DevicePool((tr.host, tr.port), key, 1, True)
-
-
-def _local_gpu() -> bool:
-    import tvm
-
-    from ..lower.cuda import enable
-
-    enable()
-    return bool(tvm.cuda(0).exist)
 
 
 def measure_model(model: Any, device: Any, pool: DevicePool, db_dir: str | os.PathLike | None, repeat: int,
