@@ -40,6 +40,17 @@ def prepare(model: ImportedModel, device: Device) -> ImportedModel:
         raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first_line(e)}") from e
 
 
+def half_precision(model: ImportedModel, device: Device) -> ImportedModel:
+    """``model`` computing in fp16 (checked against fp32), for a CUDA device."""
+    if device.device != "cuda":
+        raise TvmedgeError(f"--fp16 is for CUDA targets (Jetson: fp16 at twice the fp32 rate); {device.name} is a CPU")
+    if any(r.get("name") == "fp16" for r in model.rewrites):
+        return model
+    from .lower.fp16 import to_fp16
+
+    return to_fp16(model)
+
+
 def build_executable(model: ImportedModel, device: Device,
                      tuning_db: str | os.PathLike | list | None = None):
     """Compile the Relax module to a VM executable: tuning records where given, tvmedge's
@@ -100,7 +111,7 @@ def metadata(model: ImportedModel, device: Device, tuning_db: str | None, second
 
 def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
                   tuning_db: str | os.PathLike | None = None, use_shipped: bool = False,
-                  keep_faster: bool = True) -> dict[str, Any]:
+                  keep_faster: bool = True, fp16: bool = False) -> dict[str, Any]:
     """Compile ``model`` for ``device`` and write the artifact ``out`` atomically.
 
     ``use_shipped``: without a ``tuning_db``, apply the databases shipped in ``schedules/``
@@ -108,6 +119,7 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
     ``keep_faster``: when ``tvmedge tune`` measured this model, tuned with ``tuning_db``,
     slower end to end on this target than with the default schedules, compile with the
     defaults (the metadata's ``tuning_db_skipped`` says why).
+    ``fp16``: compute in fp16 (CUDA targets; :mod:`tvmedge.lower.fp16`, checked against fp32).
     """
     out = Path(out)
     if out.suffix != ".tar":
@@ -116,6 +128,8 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
     vta = None
     if device.accelerator is not None:
         model, vta, tuning_db = _offload(model, device, tuning_db)
+    if fp16:
+        model = half_precision(model, device)
     skipped = None
     if isinstance(tuning_db, (str, os.PathLike)) and keep_faster:
         skipped = _slower_than_default(model, device, tuning_db)
@@ -139,6 +153,8 @@ def compile_model(model: ImportedModel, device: Device, out: str | os.PathLike,
         meta["library_bytes"] = lib.stat().st_size
         meta["library_sha256"] = file_sha256(lib)
         meta["schedules"] = schedules.to_dict()
+        if device.device == "cuda":
+            meta["device_code"] = _device_code(lib, device)
         meta["tuning_db_skipped"] = skipped
         if vta is not None:
             meta["vta"] = vta
@@ -160,6 +176,17 @@ def _offload(model: ImportedModel, device: Device, tuning_db: Any) -> tuple[Impo
     if db is not None and count_records(db) == 0:
         tuning_db = None
     return model, info, tuning_db
+def _device_code(lib: Path, device: Device) -> dict[str, Any]:
+    """What GPU code the library embeds (PTX/cubin and for which arch); refuses CUDA source."""
+    from .lower.cuda import describe_library, enable
+
+    info = {**describe_library(lib), **{k: v for k, v in enable().items() if k != "format"}}
+    arch = str(device.target.attrs.get("arch", ""))
+    found = info.get("ptx_targets") or info.get("cubin_targets") or []
+    if info["format"] not in ("ptx", "cubin") or (arch and found != [arch]):
+        raise TvmedgeError(f"the library built for {device.name} holds no loadable GPU code for {arch} "
+                           f"({info['format']} {', '.join(found)}): not writing it")
+    return info
 
 
 def _slower_than_default(model: ImportedModel, device: Device, tuning_db: str | os.PathLike) -> str | None:

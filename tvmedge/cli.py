@@ -37,7 +37,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not args.json:
             print_report(report)
     meta = compile_model(model, device, args.output, tuning_db=args.tuning_db,
-                         use_shipped=not args.no_shipped_schedules, keep_faster=not args.always_apply_records)
+                         use_shipped=not args.no_shipped_schedules, keep_faster=not args.always_apply_records,
+                         fp16=args.fp16)
     if args.json:
         from .core.schema import device_block, envelope
 
@@ -64,6 +65,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if sch["record_failed"]:
             line += f"; records that failed to apply (default rule used instead): {', '.join(sch['record_failed'])}"
         print(line)
+        for r in meta["rewrites"]:
+            if r.get("name") == "fp16":
+                c = r["check"]
+                print(f"fp16: max error {c['max_rel_error']:.2g} of the output range vs fp32 "
+                      f"(max abs {c['max_abs_error']:.2g}, allowed {c['tolerance']:g})")
+        code = meta.get("device_code")
+        if code:
+            arches = ", ".join(code.get("ptx_targets") or code.get("cubin_targets") or [])
+            isa = (f" (PTX ISA {', '.join(code['ptx_isa'])}: the board's driver must be CUDA "
+                   f"{code.get('min_cuda_driver') or '?'} or newer)") if code.get("ptx_isa") else ""
+            print(f"GPU code: {code['format']} for {arches}{isa}, NVRTC {code.get('nvrtc')}")
     return 0
 
 
@@ -243,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shipped-schedules", action="store_true",
                    help="without --tuning-db, do not apply the databases shipped in schedules/ for the target's ISA class")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS", help="fix an input shape, e.g. input:1x3x224x224")
+    p.add_argument("--fp16", action="store_true",
+                   help="CUDA targets: compute in fp16 (checked against fp32 on this CPU; Jetson Nano: 2x fp16 rate)")
     p.add_argument("--json", action="store_true", help="print the artifact metadata as JSON")
     from .optimize.cli import add_optimize_args
 

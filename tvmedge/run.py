@@ -149,6 +149,8 @@ def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=Non
         # TVM sizes its thread pool once, from TVM_NUM_THREADS (else half the cores on
         # x86, to skip hyper-threads even where there are none): set it before first use.
         os.environ["TVM_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
+        if kind == "cuda":
+            _local_gpu()
         lib = tvm.runtime.load_module(str(lib_path))
         dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
         config = tvm.get_global_func("runtime.config_threadpool")
@@ -212,6 +214,15 @@ def arch_of_target(target: dict[str, Any]) -> str:
 
     host = target.get("host", target) if target.get("kind") == "cuda" else target
     return str(host.get("mtriple") or host_target_dict()["mtriple"]).split("-")[0]
+
+
+def _local_gpu() -> None:
+    """TVM's CUDA runtime library loaded here, and a GPU to run on (else one clear error)."""
+    from .lower.cuda import gpu_present
+
+    if not gpu_present():
+        raise TvmedgeError("artifact is for a CUDA GPU and this machine has none: run it on the device "
+                           "with --rpc-tracker/--rpc-key or --rpc-host")
 
 
 def _check_runs_here(meta: dict[str, Any]) -> None:

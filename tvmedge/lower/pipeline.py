@@ -220,4 +220,16 @@ def build(mod: tvm.IRModule, target, database=None) -> tuple[Any, ScheduleReport
     mod = prepare(mod, target, layout_free=True)
     mod, report = schedule(mod, target, database)
     mod = finish(mod, target)
-    return tvm.compile(mod, target=target), report
+    return compile_scheduled(mod, target), report
+
+
+def compile_scheduled(mod: tvm.IRModule, target) -> Any:
+    """``tvm.compile`` for any target; CUDA kernels become PTX/cubin (:mod:`tvmedge.lower.cuda`)
+    compiled for the target's arch, which the compile callback reads from the scope."""
+    target = tvm.target.Target(target)
+    if target.kind.name == "cuda":
+        from .cuda import enable
+
+        enable()
+    with target:
+        return tvm.compile(mod, target=target)

@@ -30,6 +30,10 @@ def run_tune(args: argparse.Namespace) -> int:
     console = make_console(stderr=args.json)
     device = resolve(args.target)
     model = load_model(args.model, parse_shapes(args.input_shape))
+    if args.fp16:
+        from ..build import half_precision
+
+        model = half_precision(model, device)
     if device.accelerator is not None:  # a VTA target: the timing model measures (tvmedge.vta.tune)
         return _tune_vta(args, model, device, console)
     with device_pool(device, args.rpc_tracker, args.rpc_key, emulated=bool(args.emulated),
@@ -182,5 +186,6 @@ def register_cli(sub) -> None:
     p.add_argument("--no-compare", action="store_true", help="skip the tuned/untuned/ONNX Runtime comparison")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
                    help="fix an input shape, e.g. input:1x3x224x224")
+    p.add_argument("--fp16", action="store_true", help="CUDA targets: tune the fp16 model (as compile --fp16 builds it)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     p.set_defaults(func=run_tune)

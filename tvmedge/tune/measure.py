@@ -87,7 +87,12 @@ def build_candidate(mod, target, cross_compiler: str | None) -> str:
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return export_cross(tvm_build(mod, target=target), cross_compiler)
+    if target.kind.name == "cuda":  # kernels to PTX for the device's arch (NVRTC, no GPU needed)
+        from ..lower.cuda import enable
+
+        enable()
+    with target:
+        return export_cross(tvm_build(mod, target=target), cross_compiler)
 
 
 def make_builder(cross_compiler: str | None, workers: int, timeout_s: float, recycle_every: int = 25):

@@ -89,10 +89,19 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
     from ..run import arch_of_target
     from ..target import host_target_dict
 
+    native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
+    if device.device == "cuda" and native:
+        from ..lower.cuda import gpu_present
+
+        local_gpu = gpu_present()
+    else:
+        local_gpu = False
+    if not (device.device == "cpu" and native) and not local_gpu and not device.emulator:
+        raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
+                           "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")
     with contextlib.ExitStack() as stack:
         tr = start_tracker(port=tracker_port)
         stack.callback(tr.stop)
-        native = arch_of_target(device.target_json) == host_target_dict()["mtriple"].split("-")[0]
         if device.device == "cpu" and native:
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server (key {key})")
             # TMPDIR: each server's sessions work under its own folder, which is how the
@@ -102,6 +111,16 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
             srv = start_server(tracker=(tr.host, tr.port), key=key,
                                    env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir},
                                    device_info={"kind": "hardware"})
+            stack.callback(srv.stop)
+            yield DevicePool((tr.host, tr.port), key, 1, False, {"kind": "hardware"})
+        elif local_gpu:
+            from ..lower.cuda import runtime_env
+
+            log(f"[tvmedge] local tracker {tr.host}:{tr.port} + a local RPC server on this machine's GPU (key {key})")
+            tmpdir = tempfile.mkdtemp(prefix="tvmedge-dev-")
+            stack.callback(shutil.rmtree, tmpdir, ignore_errors=True)
+            srv = start_server(tracker=(tr.host, tr.port), key=key, env={"TMPDIR": tmpdir, **runtime_env()},
+                               device_info={"kind": "hardware"})
             stack.callback(srv.stop)
             yield DevicePool((tr.host, tr.port), key, 1, False, {"kind": "hardware"})
         elif device.emulator:
