@@ -251,7 +251,8 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, *, timeout: 
 
 def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.1", port: int | None = None,
                  load_library: Sequence[str] | None = None, env: Mapping[str, str | None] | None = None,
-                 python: str | None = None, *, custom_addr: str | None = None, timeout: float = 60.0) -> Server:
+                 python: str | None = None, *, custom_addr: str | None = None, timeout: float = 60.0,
+                 command: Sequence[str] | None = None) -> Server:
     """Start ``python -m tvm.exec.rpc_server`` and wait until it is ready.
 
     With a ``tracker``, the server registers there under ``key`` and this returns once the
@@ -260,6 +261,9 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     libraries the server loads into each session (``--load-library``). ``env``: variables
     to set (``None`` removes one) on top of this process's environment. ``python``: the
     interpreter to run it with (default: this one), e.g. a wrapper that runs an emulator.
+    ``command``: another server program instead of TVM's Python one (the argv that starts
+    it, e.g. tvmedge's cross-built C++ server under qemu); it takes ``--host --port --key
+    --tracker --custom-addr`` like TVM's, and has no ``--load-library``.
     """
     if not key or any(c.isspace() for c in key) or ":" in key:
         raise TvmedgeError(f"invalid RPC key '{key}' (use a non-empty name without spaces or ':')")
@@ -273,11 +277,14 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     while True:
         attempts += 1
         p = port or ephemeral_port(host)
-        argv = [python or sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(p),
-                "--port-end", str(p + 1), "--key", key]
+        if command is not None:
+            argv = [*command, "--host", host, "--port", str(p), "--key", key]
+        else:
+            argv = [python or sys.executable, "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(p),
+                    "--port-end", str(p + 1), "--key", key]
         if tracker is not None:
             argv += ["--tracker", f"{tracker[0]}:{tracker[1]}"]  # TVM splits at the last ':'; no brackets
-        if load_library:
+        if load_library and command is None:
             argv += ["--load-library", ":".join(str(Path(lib).resolve()) for lib in load_library)]
         if custom_addr:
             argv += ["--custom-addr", custom_addr]
