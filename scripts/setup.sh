@@ -2,11 +2,12 @@
 # Installs what tvmedge needs on a fresh Debian machine: the system packages (cross
 # compilers, qemu-user for emulated devices, PoCL for OpenCL on the CPU) and a virtual
 # environment at .venv with the pinned Python packages. Safe to run again: it only
-# installs what is missing.
+# installs what is missing. TVMEDGE_SETUP_RISCV=1 also cross-builds the riscv64 TVM
+# runtime the emulated RISC-V boards run (else it is built on first use; ~5-15 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="g++ debian-archive-keyring g++-aarch64-linux-gnu qemu-user-static pocl-opencl-icd ocl-icd-libopencl1 binutils-aarch64-linux-gnu"
+APT_PACKAGES="g++ debian-archive-keyring g++-aarch64-linux-gnu qemu-user-static pocl-opencl-icd ocl-icd-libopencl1 binutils-aarch64-linux-gnu g++-riscv64-linux-gnu binutils-riscv64-linux-gnu"
 # chromium: headless, the browser tests/test_report.py renders tvmedge report's page in
 APT_PACKAGES="$APT_PACKAGES chromium"
 missing=""
@@ -34,4 +35,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         tail -30 .venv/pip-install.log; echo "[setup] pip install failed (full log: .venv/pip-install.log)"; exit 1
     fi
     touch "$stamp"
+fi
+
+if [ "${TVMEDGE_SETUP_RISCV:-0}" = "1" ]; then
+    echo "[setup] cross-building the riscv64 TVM runtime for the emulated RISC-V boards (cached)"
+    .venv/bin/python -m tvmedge.deploy.crossrt riscv64
 fi

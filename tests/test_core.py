@@ -244,15 +244,17 @@ def test_emulated_boards_come_from_the_descriptions():
     from tvmedge import devices
 
     boards = devices.emulated()
-    assert sorted(boards) == ["pi3", "pi4", "pi5"]
+    assert sorted(boards) == ["bpi-f3", "pi3", "pi4", "pi5", "riscv-u74"]
     for name, emu in boards.items():
         dev = resolve(name)
         assert dev.emulator == emu.qemu == devices.qemu_for(emu.arch)
-        assert str(dev.target.attrs["mcpu"]) == emu.cpu  # qemu emulates the CPU the code is built for
+        if emu.arch == "aarch64":
+            assert str(dev.target.attrs["mcpu"]) == emu.cpu  # qemu emulates the CPU the code is built for
         assert str(dev.target.attrs["mtriple"]).split("-")[0] == emu.arch
         assert dev.cross_compiler == devices.cross_compiler_for(emu.arch)
-    assert resolve("riscv-u74").emulator is None  # no riscv64 user space to run it in
-    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi3, pi4, pi5\)"):
+    # qemu's CPU models for the RISC-V boards: RV64GC without V (the U74), RVV 1.0 with VLEN 256 (the K1)
+    assert boards["riscv-u74"].cpu == "sifive-u54" and "v=true,vlen=256" in boards["bpi-f3"].cpu
+    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: bpi-f3, pi3, pi4, pi5, riscv-u74\)"):
         devices.emulation("pi2")
 
 

@@ -210,7 +210,7 @@ def test_missing_tools_name_the_debian_package(tmp_path, monkeypatch):
 
 
 def test_unknown_board_is_a_clear_error():
-    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: pi3, pi4, pi5\)"):
+    with pytest.raises(TvmedgeError, match=r"no emulated device 'pi2' \(available: bpi-f3, pi3, pi4, pi5, riscv-u74\)"):
         EmulatedDevice("pi2")
 
 

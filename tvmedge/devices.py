@@ -33,6 +33,7 @@ _DEBIAN_PACKAGE = {
     "arm-linux-gnueabihf-g++": "g++-arm-linux-gnueabihf",
     "riscv64-linux-gnu-g++": "g++-riscv64-linux-gnu",
     "qemu-aarch64-static": "qemu-user-static",
+    "qemu-riscv64-static": "qemu-user-static",
 }
 
 

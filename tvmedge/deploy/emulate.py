@@ -28,6 +28,12 @@ Choices:
   wrapper that re-enters qemu.
 * The server and its workers run in one process group; ``stop()`` (or leaving the
   ``with`` block) ends them all.
+* riscv64 boards (``riscv-u74``, ``bpi-f3``) have no Python TVM: no wheel exists for
+  riscv64. They run tvmedge's cross-built C++ RPC server instead
+  (:mod:`tvmedge.deploy.crossrt`, built on first use) under ``qemu-riscv64-static -L
+  /usr/riscv64-linux-gnu`` with the board's CPU model (``sifive-u54``: the U74's RV64GC;
+  ``rv64,v=true,vlen=256,...``: RVV 1.0 as on the SpacemiT K1). Same tracker protocol and
+  sessions; each session is a forked process of the server.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from ..devices import emulation
 from ..core.errors import TvmedgeError
 from .address import HostPort, as_host_port, format_host_port, parse_host_port, public_host
 from .launch import Server, Tracker, start_server, start_tracker
-from .sysroot import Sysroot, prepare_sysroot
+from .crossrt import SUPPORTED_ARCHES as CROSS_BUILT_ARCHES, CrossRuntime, prepare_runtime
+from .sysroot import Sysroot, _which_or_error, prepare_sysroot
 from .tracker import server_registered, tracker_summary
 
 START_TIMEOUT_S = 180.0  # import tvm twice under qemu (server + its popen worker) on a busy host
@@ -65,7 +72,7 @@ class EmulatedDevice:
 
     def __init__(self, kind: str = "pi4", tracker: HostPort | str | None = None, key: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None, *, timeout: float = START_TIMEOUT_S,
-                 sysroot: Sysroot | None = None, log: Callable[[str], None] | None = None,
+                 sysroot: Sysroot | CrossRuntime | None = None, log: Callable[[str], None] | None = None,
                  restart_on_crash: bool = True):
         self.board = emulation(kind)
         self.kind = kind
@@ -93,14 +100,15 @@ class EmulatedDevice:
         if self.server is not None:
             return self
         if self.sysroot is None:
-            self.sysroot = prepare_sysroot(self.board.arch, log=self._log)
+            self.sysroot = prepare_userspace(self.board.arch, log=self._log)
         t0 = time.monotonic()
         self._workdir = Path(tempfile.mkdtemp(prefix=f"tvmedge-emu-{self.kind}-"))
         self._wrapper = self._workdir / "python3"
-        self._wrapper.write_text("#!/bin/sh\n"
-                                 f"# tvmedge emulated {self.kind}: the arm64 Python under qemu-user\n"
-                                 f"exec {shlex.join(self.sysroot.command(self.board.cpu))} \"$@\"\n")
-        self._wrapper.chmod(0o755)
+        if isinstance(self.sysroot, Sysroot):
+            self._wrapper.write_text("#!/bin/sh\n"
+                                     f"# tvmedge emulated {self.kind}: the arm64 Python under qemu-user\n"
+                                     f"exec {shlex.join(self.sysroot.command(self.board.cpu))} \"$@\"\n")
+            self._wrapper.chmod(0o755)
         try:
             self.server = self._start_server()
         except TvmedgeError:
@@ -117,6 +125,8 @@ class EmulatedDevice:
 
     def _start_server(self) -> Server:
         assert self.sysroot is not None and self._wrapper is not None
+        if isinstance(self.sysroot, CrossRuntime):
+            return self._start_native_server(self.sysroot)
         # The host's Python/loader settings mean nothing to the arm64 Python: drop them.
         env: dict[str, str | None] = {k: None for k in os.environ
                                       if k.startswith(("PYTHON", "LD_")) or k in ("VIRTUAL_ENV", "CONDA_PREFIX")}
@@ -128,6 +138,18 @@ class EmulatedDevice:
                                 python=str(self._wrapper), timeout=self.timeout,
                                 device_info={"kind": "emulated", "board": self.kind,
                                              "emulator": f"{self.board.qemu} -cpu {self.board.cpu}"})
+        except TvmedgeError as e:
+            raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
+
+    def _start_native_server(self, runtime: CrossRuntime) -> Server:
+        """tvmedge's C++ RPC server for the board's architecture, under qemu-user."""
+        qemu = _which_or_error(self.board.qemu, f"to emulate {self.kind}")
+        command = [qemu, "-cpu", self.board.cpu, "-L", runtime.target_libs, str(runtime.server)]
+        env: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("LD_", "QEMU_"))}
+        env.update(TVMEDGE_EMULATED=self.kind)
+        try:
+            return start_server(self.tracker, self.key, host=self.host, port=self._requested_port, env=env,
+                                command=command, timeout=self.timeout)
         except TvmedgeError as e:
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
 
@@ -249,7 +271,7 @@ def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | No
             say(f"started RPC tracker at {format_host_port((public_host(host), own_tracker.port))}")
         else:
             tracker_summary(tracker)  # fail now if unreachable
-        sysroot = prepare_sysroot(board.arch)
+        sysroot = prepare_userspace(board.arch)
         for i in range(count):
             say(f"starting emulated {kind} ({board.description}; qemu -cpu {board.cpu})"
                 + (f" {i + 1}/{count}" if count > 1 else "") + " ...")
@@ -278,6 +300,14 @@ def main(kind: str = "pi4", tracker: HostPort | str | None = None, key: str | No
             own_tracker.stop()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+
+
+def prepare_userspace(arch: str, log: Callable[[str], None] | None = None) -> Sysroot | CrossRuntime:
+    """What an emulated board of ``arch`` runs, prepared on first use: the arm64 Python user
+    space, or for riscv64 tvmedge's cross-built runtime and C++ RPC server."""
+    if arch in CROSS_BUILT_ARCHES:
+        return prepare_runtime(arch, log=log)
+    return prepare_sysroot(arch, log=log)
 
 
 def _main_thread() -> bool:

@@ -271,7 +271,7 @@ _BOOT = (
 def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.1", port: int | None = None,
                  load_library: Sequence[str] | None = None, env: Mapping[str, str | None] | None = None,
                  python: str | None = None, *, custom_addr: str | None = None, timeout: float = 60.0,
-                 device_info: Mapping[str, Any] | None = None) -> Server:
+                 device_info: Mapping[str, Any] | None = None, command: Sequence[str] | None = None) -> Server:
     """Start ``python -m tvm.exec.rpc_server`` and wait until it is ready.
 
     With a ``tracker``, the server registers there under ``key`` and this returns once the
@@ -283,6 +283,10 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     ``device_info``: what the device is (``{"kind": "emulated", "board": "pi4", ...}``); its
     sessions then answer :data:`DEVICE_INFO_FUNC` with it as JSON, ``arch`` added
     (:func:`tvmedge.deploy.session.device_info` reads it).
+    ``command``: another server program instead of TVM's Python one (the argv that starts
+    it, e.g. tvmedge's cross-built C++ server under qemu); it takes ``--host --port --key
+    --tracker --custom-addr`` like TVM's, has no ``--load-library`` and
+    cannot answer ``device_info`` (a board it serves reports nothing: counted as hardware).
     """
     if not key or any(c.isspace() for c in key) or ":" in key:
         raise TvmedgeError(f"invalid RPC key '{key}' (use a non-empty name without spaces or ':')")
@@ -296,13 +300,16 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     while True:
         attempts += 1
         p = port or ephemeral_port(host)
-        launcher = (["-c", _BOOT, json.dumps(dict(device_info)), "tvm.exec.rpc_server"] if device_info is not None
-                    else ["-m", "tvm.exec.rpc_server"])
-        argv = [python or sys.executable, *launcher, "--host", host, "--port", str(p),
-                "--port-end", str(p + 1), "--key", key]
+        if command is not None:
+            argv = [*command, "--host", host, "--port", str(p), "--key", key]
+        else:
+            launcher = (["-c", _BOOT, json.dumps(dict(device_info)), "tvm.exec.rpc_server"] if device_info is not None
+                        else ["-m", "tvm.exec.rpc_server"])
+            argv = [python or sys.executable, *launcher, "--host", host, "--port", str(p),
+                    "--port-end", str(p + 1), "--key", key]
         if tracker is not None:
             argv += ["--tracker", f"{tracker[0]}:{tracker[1]}"]  # TVM splits at the last ':'; no brackets
-        if load_library:
+        if load_library and command is None:
             argv += ["--load-library", ":".join(str(Path(lib).resolve()) for lib in load_library)]
         if custom_addr:
             argv += ["--custom-addr", custom_addr]

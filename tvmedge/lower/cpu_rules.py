@@ -47,6 +47,12 @@ def vector_bits(target: Target) -> int:
     return 128  # NEON, and scalar targets (LLVM splits the vectors)
 
 
+def _is_rvv(target: Target) -> bool:
+    from ..isa import cpu_arch, cpu_features
+
+    return cpu_arch(target) == "riscv64" and "v" in cpu_features(target)
+
+
 def vector_lanes(target: Target, bits: int = 32) -> int:
     """SIMD lanes for ``bits``-wide elements on ``target`` (at least 4)."""
     return max(vector_bits(target) // bits, 4)
@@ -287,13 +293,17 @@ class SpatialReduction(ScheduleRule):
         # Padding is inlined too where each input element is used only a few times
         # (depthwise conv, pooling): there a separate pass over the padded copy costs more
         # than the bounds checks.
+        # RVV: TVM 0.27 cannot lower a vectorized loop over an inlined pad whose value is
+        # the same in every lane (a conv with one input channel: ComputeLegalizer's
+        # "MatchType" check fails), so on RVV targets padding always stays a stage of its own.
+        inline_pad_max = 0 if _is_rvv(target) else _INLINE_PAD_MAX_REDUCTION
         reduce_extent = 1
         for it in red.iters:
             if it.kind == "R":
                 reduce_extent *= _int(it.dom) or 1 << 20
         kept = []
         for block in reversed(prologue):
-            if has_if(sch.get(block)) and reduce_extent > _INLINE_PAD_MAX_REDUCTION:
+            if has_if(sch.get(block)) and reduce_extent > inline_pad_max:
                 kept.append(block)
                 continue
             try:
