@@ -207,7 +207,8 @@ def test_emulated_riscv_u74_tune_compile_run_match_onnxruntime(runtime, tmp_path
                            "--json", timeout=1800)
             assert proc.returncode == 0, proc.stderr
             info = json.loads(proc.stdout)
-            assert info["target"]["mtriple"].startswith("riscv64")
+            assert info["device"]["target"]["mtriple"].startswith("riscv64")
+            assert info["device"]["kind"] == "emulated", info["device"]  # the board says what it is
             out = next(iter(np.load(tmp_path / f"{name}-out.npz").values()))
             assert _rel(out, _ort(onnx_path, x)) < 1e-4, name
 

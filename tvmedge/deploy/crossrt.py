@@ -237,6 +237,7 @@ def _build(arch: str, cxx: str, root: Path, log: Log, jobs: int) -> CrossRuntime
         # several sources in one translation unit (their headers are parsed once); if they
         # clash (file-local names), each is compiled on its own instead
         unity = obj.with_suffix(".cc")
+        unity.parent.mkdir(parents=True, exist_ok=True)
         unity.write_text("".join(f'#include "{f}"\n' for f in files))
         if compile_source(unity, obj) is None:
             return

@@ -149,7 +149,9 @@ class EmulatedDevice:
         env.update(TVMEDGE_EMULATED=self.kind)
         try:
             return start_server(self.tracker, self.key, host=self.host, port=self._requested_port, env=env,
-                                command=command, timeout=self.timeout)
+                                command=command, timeout=self.timeout,
+                                device_info={"kind": "emulated", "board": self.kind, "arch": runtime.arch,
+                                             "emulator": f"{self.board.qemu} -cpu {self.board.cpu}"})
         except TvmedgeError as e:
             raise TvmedgeError(f"emulated {self.kind} did not start: {e}") from None
 

@@ -285,8 +285,8 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
     (:func:`tvmedge.deploy.session.device_info` reads it).
     ``command``: another server program instead of TVM's Python one (the argv that starts
     it, e.g. tvmedge's cross-built C++ server under qemu); it takes ``--host --port --key
-    --tracker --custom-addr`` like TVM's, has no ``--load-library`` and
-    cannot answer ``device_info`` (a board it serves reports nothing: counted as hardware).
+    --tracker --custom-addr`` like TVM's, has no ``--load-library``;
+    ``device_info`` goes to it as ``--device-info JSON``.
     """
     if not key or any(c.isspace() for c in key) or ":" in key:
         raise TvmedgeError(f"invalid RPC key '{key}' (use a non-empty name without spaces or ':')")
@@ -302,6 +302,8 @@ def start_server(tracker: HostPort | str | None, key: str, host: str = "127.0.0.
         p = port or ephemeral_port(host)
         if command is not None:
             argv = [*command, "--host", host, "--port", str(p), "--key", key]
+            if device_info is not None:
+                argv += ["--device-info", json.dumps(dict(device_info))]
         else:
             launcher = (["-c", _BOOT, json.dumps(dict(device_info)), "tvm.exec.rpc_server"] if device_info is not None
                         else ["-m", "tvm.exec.rpc_server"])

@@ -11,6 +11,7 @@
  * client's key limits a session to S seconds, as in TVM's server.
  *
  * Usage: tvmedge_rpc_server --host H --port P --key K [--tracker H:P] [--custom-addr A]
+ *        [--device-info JSON]   (what the board is: answered by the global "tvmedge.device_info")
  */
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -158,6 +159,7 @@ struct Options {
   std::string tracker_host;
   int tracker_port = 0;
   std::string custom_addr;
+  std::string device_info;
 };
 
 class Server {
@@ -387,6 +389,8 @@ int main(int argc, char** argv) {
       opt.key = value();
     } else if (a == "--custom-addr") {
       opt.custom_addr = value();
+    } else if (a == "--device-info") {
+      opt.device_info = value();
     } else if (a == "--tracker") {
       std::string t = value();
       size_t colon = t.rfind(':');
@@ -394,13 +398,19 @@ int main(int argc, char** argv) {
       opt.tracker_host = t.substr(0, colon);
       opt.tracker_port = atoi(t.c_str() + colon + 1);
     } else if (a == "--help" || a == "-h") {
-      printf("usage: %s --host H --port P --key K [--tracker H:P] [--custom-addr A]\n", argv[0]);
+      printf("usage: %s --host H --port P --key K [--tracker H:P] [--custom-addr A] [--device-info JSON]\n", argv[0]);
       return 0;
     } else {
       Die("unknown argument " + a);
     }
   }
   if (opt.key.empty()) Die("--key is required");
+  if (!opt.device_info.empty()) {
+    // tvmedge.deploy.session.device_info asks every session for it (emulated boards say so)
+    std::string info = opt.device_info;
+    tvm::ffi::Function::SetGlobal(
+        "tvmedge.device_info", tvm::ffi::Function::FromTyped([info]() { return tvm::ffi::String(info); }), true);
+  }
   signal(SIGPIPE, SIG_IGN);
   Server(opt).Run();
   return 0;
