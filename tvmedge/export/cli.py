@@ -52,7 +52,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--format", choices=["qdq", "float"], default="qdq",
                    help="int8 layers as QuantizeLinear/DequantizeLinear with tvmedge's scales (qdq, default), "
                         "or dequantized float weights without activation quantization (float)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--data", metavar="DATA", help="inputs to check the export on: digits | shapes | FILE.npz "
                                                   "(default: random inputs)")
     p.add_argument("--samples", type=int, default=16, metavar="N", help="samples to check on (default 16)")

@@ -236,7 +236,8 @@ def _register_distill(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=1000, metavar="N", help="training steps (default 1000)")
     p.add_argument("--eval", metavar="DATA", help="labelled data to score teacher and student on")
     p.add_argument("-o", "--output", required=True, help="student to write (.relax or .onnx)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_distill)
 
@@ -319,6 +320,7 @@ def _register_ensemble(sub: Any) -> None:
     p.add_argument("--eval", metavar="DATA", help="labelled data to score each member and the ensemble on")
     p.add_argument("--repeat", type=int, default=50, help="timed runs per model (default 50)")
     p.add_argument("-o", "--output", required=True, help="ensemble to write (.relax or .onnx)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="fix an input shape, e.g. input:1x3x224x224")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_ensemble)
