@@ -222,6 +222,7 @@ def test_tune_errors(digits_onnx, tmp_path):
     assert proc.returncode != 0 and "127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # shares a 4-trial tuning fixture: ~4 min together
 def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits_onnx, tuned4, tmp_path):
     """An interrupted run's state says how many trials each task had when it started; resume
     spends what is left on the tasks that got none (MetaSchedule's scheduler would give it to
@@ -246,6 +247,7 @@ def test_resume_gives_the_rest_to_tasks_the_interrupted_run_never_reached(digits
     assert json.loads((db / STATE).read_text())["last_run"]["completed"] is True
 
 
+@pytest.mark.slow  # shares a 4-trial tuning fixture: ~4 min together
 def test_damaged_state_file_does_not_stop_compile_or_tune(digits_onnx, tuned4, tmp_path):
     db = tmp_path / "db"
     shutil.copytree(tuned4["db"], db)
