@@ -281,3 +281,56 @@ def test_channel_padding_takes_counts_vectors_do_not_fit():
     assert [padded_channels(c, 16) for c in (58, 116, 24, 40, 72, 120, 440, 20)] == [64, 128, None, None, None, None, None, None]
     assert [padded_channels(c, 16) for c in (18, 17, 23, 35, 10, 5, 3)] == [24, 20, 24, 40, 12, 8, None]
     assert [padded_channels(c, 4) for c in (58, 18, 16, 12)] == [60, 20, None, None]
+
+
+class ResidualPair(nn.Module):
+    """3x3 convs Winograd takes (28x28: F(4x4), 14x14: F(2x2)) with a fused residual
+    epilogue, and one it leaves (stride 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, 1, 1)
+        self.b = nn.Conv2d(16, 16, 3, 1, 1, bias=False)
+        self.down = nn.Conv2d(16, 32, 3, 2, 1)
+        self.c = nn.Conv2d(32, 32, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))) + x)
+        x = torch.relu(self.down(x))
+        return torch.relu(self.c(x) + x)
+
+
+def test_winograd_takes_dense_3x3_convs_and_matches_onnxruntime(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from tvmedge.lower import winograd
+
+    torch.manual_seed(0)
+    path = tmp_path / "pair.onnx"
+    torch.onnx.export(ResidualPair().eval(), (torch.randn(1, 16, 28, 28),), str(path), input_names=["x"],
+                      opset_version=17, dynamo=False)
+    x = np.random.default_rng(0).standard_normal((1, 16, 28, 28)).astype("float32")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    counts = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TVMEDGE_WINOGRAD", flag)
+        meta = compile_model(load_model(path), resolve("host"), tmp_path / f"w{flag}.tar", use_shipped=False)
+        assert meta["schedules"]["unscheduled"] == []
+        counts[flag] = meta["schedules"]["rules"].get("WinogradTransform", 0)
+        out = run_artifact(tmp_path / f"w{flag}.tar", {"x": x}, repeat=1).outputs[0]
+        assert np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max(), flag
+    # three convs qualify (two of them one kernel pair): an input and an output transform
+    # for each shape, the residual add and ReLU fused into the output transforms
+    assert counts["1"] >= 4 and counts["0"] == 0
+    assert winograd.tile_size(28, 28) == 4 and winograd.tile_size(14, 14) == 2 and winograd.tile_size(7, 7) is None
+
+
+def test_winograd_matrices_compute_a_3_tap_convolution():
+    from tvmedge.lower.winograd import matrices
+
+    rng = np.random.default_rng(1)
+    for m in (2, 4):
+        a, b, g = matrices(m)
+        d, k = rng.standard_normal(m + 2), rng.standard_normal(3)
+        y = a.T @ ((g @ k) * (b.T @ d))
+        assert np.allclose(y, np.correlate(d, k, mode="valid"), atol=1e-12)

@@ -266,6 +266,62 @@ class Parallel(ScheduleRule):
         return sch
 
 
+class WinogradTransform(ScheduleRule):
+    """Winograd's input and output transforms (``tvmedge.lower.winograd``): per tile and
+    vector of channels, the tile positions unrolled (their selects fold to the non-zero
+    terms), the first stage in registers, the conv's epilogue inlined into the last."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
+        from .winograd import IN_BLOCKS, OUT_BLOCKS
+
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(_root(sch))
+        names = [sch.get(b).name_hint for b in blocks]
+        lanes = vector_lanes(target)
+        if names and names[0].startswith(IN_BLOCKS[0]) and len(names) == 2:
+            first, last = blocks
+            i, p, c = sch.get_loops(last)
+            fv = _vector_factor(_int(sch.get(c).extent), lanes, 1)
+            co, ci = sch.split(c, [None, fv])
+            sch.reorder(p, co, i, ci)
+            _parallel(sch, [p, co], target)
+            sch.unroll(i)
+        elif names and names[0].startswith(OUT_BLOCKS[0]) and len(names) >= 2:
+            first, rest = blocks[0], blocks[1:]
+            size = _numel(sch, rest[0])
+            if size is None or any(_numel(sch, b) != size for b in rest):
+                return None  # an epilogue that broadcasts: not ours
+            for b in rest[:-1]:
+                sch.compute_inline(b)
+            last = rest[-1]
+            loops = sch.get_loops(last)
+            if len(loops) != 4:
+                return None
+            m = 4 if _int(sch.get(sch.get_loops(first)[0]).extent) == 24 else 2  # alpha * m
+            n, h, w, c = loops
+            ho, hi = sch.split(h, [None, m])
+            wo, wi = sch.split(w, [None, m])
+            fv = _vector_factor(_int(sch.get(c).extent), lanes, 1)
+            co, ci = sch.split(c, [None, fv])
+            sch.reorder(n, ho, wo, co, hi, wi, ci)
+            _parallel(sch, [n, ho, wo], target)
+            sch.unroll(hi)
+            sch.unroll(wi)
+        else:
+            return None
+        if fv >= 4:
+            sch.vectorize(ci)
+        # the first stage: computed per tile and channel vector into a local buffer
+        sch.compute_at(first, co)
+        sch.set_scope(first, 0, "local")
+        depth = next(k for k, lp in enumerate(sch.get_loops(last)) if sch.get(lp).same_as(sch.get(co))) + 1
+        inner = sch.get_loops(first)[depth:]
+        for lp in inner[:-1]:
+            sch.unroll(lp)
+        if fv >= 4:
+            sch.vectorize(inner[-1])
+        return sch
+
 class SpatialReduction(ScheduleRule):
     """One reduction block (conv2d, matmul, pooling, mean) with its prologue and epilogue."""
 
@@ -420,4 +476,4 @@ def default_rules() -> list[ScheduleRule]:
     """The rules tvmedge applies to every CPU kernel without a tuning record, in order."""
     from tvm.s_tir import dlight as dl
 
-    return [SpatialReduction(), Injective(), dl.cpu.Reduction(), Parallel()]
+    return [WinogradTransform(), SpatialReduction(), Injective(), dl.cpu.Reduction(), Parallel()]

@@ -23,6 +23,7 @@ from tvm import relax
 from . import vecmath
 from .foldaffine import FoldConvAffine
 from .normalize import NormalizeClip
+from .winograd import Winograd
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
@@ -46,6 +47,7 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant()]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
             passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
+        passes.append(Winograd())
     passes += [
         relax.transform.LegalizeOps(vecmath.legalize_map() if cpu else None),
         relax.transform.AnnotateTIROpPattern(),
