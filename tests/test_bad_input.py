@@ -242,6 +242,7 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
         srv.kill()
 
 
+@pytest.mark.slow  # waits out the supervisor's restart: ~1 min
 def test_served_board_recovers_after_its_server_dies_and_stays_during_sessions():
     import psutil
 

@@ -126,6 +126,7 @@ def test_every_cpu_target_gets_default_schedules(board, opmix_onnx):
     assert report.unscheduled == [] and len(report.default) >= 8
 
 
+@pytest.mark.slow  # a short MetaSchedule tuning: ~1.5 min
 def test_seeded_records_apply_and_a_broken_record_falls_back(opmix_onnx, tmp_path):
     """Each kernel's default schedule, measured here and committed as a record (how tuning
     starts), applies as a record; a record whose trace no longer replays costs only its
