@@ -271,7 +271,7 @@ def _one(dev: Any, how: Reached, variant: str, model: Any, info: dict, data: Any
                device=m["device_block"], latency_ms=lat, threads=m["threads"],
                fps=1e3 / lat["median"] if hw else None,
                artifact_bytes=art.stat().st_size, library_bytes=meta.get("library_bytes"),
-               peak_memory_bytes=None, peak_memory_note="not measurable through the TVM runtime here",
+               **_peak_memory(art, how),
                metric=data.metric if data is not None else None, metric_value=m["metric"],
                model_flops=flops, achieved_gflops=gflops,
                peak_fraction=gflops / peak if gflops and peak else None,
@@ -280,6 +280,16 @@ def _one(dev: Any, how: Reached, variant: str, model: Any, info: dict, data: Any
                rewrites=info["rewrites"], tuning_db=meta.get("tuning_db"))
     row["status_text"] = STATUS_TEXT[row["status"]]
     return row
+
+
+def _peak_memory(art: Path, how: Reached) -> dict[str, Any]:
+    """Measured for runs on this host; a device behind RPC reports no memory figures."""
+    if how.session_factory is not None:
+        return {"peak_memory_bytes": None, "peak_memory_note": "not measurable through TVM RPC"}
+    from ..bench.memory import peak_memory_bytes
+
+    got = peak_memory_bytes(art)
+    return {"peak_memory_bytes": got["peak_memory_bytes"], "peak_memory_note": got["note"]}
 
 
 def _baseline_drops(rows: list[dict[str, Any]]) -> None:

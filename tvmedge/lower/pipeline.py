@@ -42,12 +42,13 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
     ]
     if cpu:
         from .chanpad import PadChannels
-        from .cpu_rules import vector_lanes
+        from .cpu_rules import _is_rvv, vector_lanes
 
         passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant()]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
             passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
-        passes.append(Winograd())
+        if not _is_rvv(tvm.target.Target(target)):  # see lower/winograd.py
+            passes.append(Winograd())
     passes += [
         relax.transform.LegalizeOps(vecmath.legalize_map() if cpu else None),
         relax.transform.AnnotateTIROpPattern(),

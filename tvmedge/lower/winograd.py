@@ -20,7 +20,8 @@ interpolation points of Barabasz et al.) come from TOPI's ``winograd_util``.
 Numerics: Winograd is exact in real arithmetic but not a reassociation only: its float
 error is larger than a direct conv's (on the order of 1e-6 relative for F(4x4, 3x3) with
 these points, against ~1e-7). Tests compare with ONNX Runtime. ``TVMEDGE_WINOGRAD=0``
-turns it off; RVV targets do not get it (see :func:`winograd`).
+turns it off. RVV targets do not get it (``lower.pipeline``): TVM 0.27's RVV
+lowering fails on the transforms' vector selects (a scalable-vector lane mismatch).
 
 Which convs: 3x3, stride 1, dilation 1, groups 1, constant weights, at least
 :data:`MIN_CHANNELS` input and output channels, and output sides that m divides (m = 4,
@@ -199,13 +200,6 @@ def winograd(mod: tvm.IRModule) -> tvm.IRModule:
     """Rewrite the eligible convs of every Relax function in ``mod`` (NHWC, after
     ConvertLayout and FoldConstant, before legalization)."""
     if os.environ.get("TVMEDGE_WINOGRAD", "1") == "0":
-        return mod
-    from .cpu_rules import _is_rvv
-
-    target = tvm.target.Target.current(allow_none=True)
-    if target is not None and _is_rvv(target):
-        # TVM 0.27's RVV lowering fails on the transforms' vector loops (scalable-vector
-        # lane mismatch in a select); RVV boards keep direct convs
         return mod
     rewriter = _Winograd(mod)
     updated = {gv: rewriter.visit_expr(func) for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
