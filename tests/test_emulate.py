@@ -222,34 +222,6 @@ def _not_zombie(pid: int) -> bool:
         return False
 
 
-def test_pi4_comes_back_after_a_crashing_session(pi4, tracker, tmp_path):
-    """A session that dies (here: a library aborting on load) takes TVM's Python server down;
-    the emulated board restarts it and serves again. Runs last: it replaces the pi4 server."""
-    import tvm
-
-    src = tmp_path / "boom.c"
-    src.write_text("#include <stdlib.h>\n__attribute__((constructor)) static void boom(void) { abort(); }\n")
-    subprocess.run(["aarch64-linux-gnu-g++", "-x", "c", "-shared", "-fPIC", str(src), "-o", str(tmp_path / "boom.so")],
-                   check=True)
-    old_port = pi4.port
-    session = connect(tracker=tracker.addr, key=KEY, timeout=120)
-    session.upload(str(tmp_path / "boom.so"))
-    with pytest.raises(Exception):
-        session.load_module("boom.so")
-    del session
-    gc.collect()
-    deadline = time.monotonic() + 120
-    while pi4.restarts == 0 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert pi4.restarts == 1 and pi4.alive() and pi4.info()["failure"] is None
-    d = next(d for d in list_devices(tracker.addr) if d["key"] == KEY)
-    assert d["total"] == 1 and [p for _, p in d["servers"]] == [pi4.port] and pi4.port != old_port
-    mod, args, ref = _relax_matmul_relu()
-    _cross_build(mod, tvm.target.Target("raspberry-pi/4b-aarch64"), tmp_path / "mm.so")
-    out, _, _ = _run_remote(connect(tracker=tracker.addr, key=KEY, timeout=120), tmp_path / "mm.so", args)
-    assert rel_err(out, ref) < 1e-4
-
-
 def test_pi4_says_it_is_emulated_and_every_run_is_labelled(pi4, tracker, tmp_path):
     """A board from `device emulate` says what it is: `run` labels its figures in text and
     JSON without being told, and an artifact for another CPU is refused before upload."""
@@ -286,3 +258,31 @@ def test_tune_reads_the_board_kind_without_the_flag(pi4, tracker):
 
     with device_pool(resolve("pi4"), format_host_port(tracker.addr), KEY, log=lambda m: None) as pool:
         assert pool.kind == "emulated" and pool.emulated and pool.info["board"] == "pi4"
+
+
+def test_pi4_comes_back_after_a_crashing_session(pi4, tracker, tmp_path):
+    """A session that dies (here: a library aborting on load) takes TVM's Python server down;
+    the emulated board restarts it and serves again. Runs last: it replaces the pi4 server."""
+    import tvm
+
+    src = tmp_path / "boom.c"
+    src.write_text("#include <stdlib.h>\n__attribute__((constructor)) static void boom(void) { abort(); }\n")
+    subprocess.run(["aarch64-linux-gnu-g++", "-x", "c", "-shared", "-fPIC", str(src), "-o", str(tmp_path / "boom.so")],
+                   check=True)
+    old_port = pi4.port
+    session = connect(tracker=tracker.addr, key=KEY, timeout=120)
+    session.upload(str(tmp_path / "boom.so"))
+    with pytest.raises(Exception):
+        session.load_module("boom.so")
+    del session
+    gc.collect()
+    deadline = time.monotonic() + 120
+    while pi4.restarts == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert pi4.restarts == 1 and pi4.alive() and pi4.info()["failure"] is None
+    d = next(d for d in list_devices(tracker.addr) if d["key"] == KEY)
+    assert d["total"] == 1 and [p for _, p in d["servers"]] == [pi4.port] and pi4.port != old_port
+    mod, args, ref = _relax_matmul_relu()
+    _cross_build(mod, tvm.target.Target("raspberry-pi/4b-aarch64"), tmp_path / "mm.so")
+    out, _, _ = _run_remote(connect(tracker=tracker.addr, key=KEY, timeout=120), tmp_path / "mm.so", args)
+    assert rel_err(out, ref) < 1e-4
