@@ -135,6 +135,23 @@ def output_transform(n: int, out_h: int, out_w: int, k: int, m: int, dtype: str)
     return te.create_prim_func([prod, out], index_dtype_override="int64").with_attr("op_pattern", 4)
 
 
+def is_transform(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a Winograd input or output transform (its epilogue fused or not).
+
+    ``tvmedge tune`` leaves these kernels to :class:`~tvmedge.lower.cpu_rules.WinogradTransform`:
+    MetaSchedule's generic rules do not unroll the tile positions, and with resnet18 its
+    candidates for them lost the local RPC server within a few dozen trials."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    try:
+        sch = s_tir.Schedule(func)
+        first = sch.get_child_blocks(get_root_block(sch))[0]
+    except Exception:  # noqa: BLE001 - not a single-root function: not ours
+        return False
+    return sch.get(first).name_hint.startswith((IN_BLOCKS[0], OUT_BLOCKS[0]))
+
+
 def weight_transform(weight_hwio: np.ndarray, m: int) -> np.ndarray:
     """U = G g G^T per (input, output) channel pair: [alpha^2, C, K]."""
     _, _, g = matrices(m)

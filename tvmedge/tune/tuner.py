@@ -80,7 +80,17 @@ def tuning_tasks(model: ImportedModel, device: Device) -> list:
     from .pipeline import prepare
 
     mod = prepare(prepare_model(model, device).mod, device.target)
-    return [t for t in ms.relax_integration.extract_tasks(mod, device.target) if not _scheduled(t.dispatched[0])]
+    return [t for t in ms.relax_integration.extract_tasks(mod, device.target)
+            if not _scheduled(t.dispatched[0]) and not _rule_only(t.dispatched[0])]
+
+
+def _rule_only(mod) -> bool:
+    """A kernel left to its default rule: Winograd's transforms (see ``lower.winograd.is_transform``)."""
+    import tvm
+
+    from ..lower.winograd import is_transform
+
+    return any(isinstance(f, tvm.tirx.PrimFunc) and is_transform(f) for f in mod.functions.values())
 
 
 def _scheduled(mod) -> bool:
