@@ -78,9 +78,10 @@ def test_vnni_records_keep_their_class_fp32_ones_do_not():
     assert record_class(x86("znver4"), uses_intrinsics=False) == "x86_64-avx512"
     assert record_class(arm64("cortex-a76"), uses_intrinsics=False) == "aarch64-neon"
     assert record_class(x86("skylake-avx512"), uses_intrinsics=False) == "x86_64-avx512"
-    # The shipped databases were tuned for znver5 (AVX-512 + VNNI) but hold fp32 records only.
-    for model in ("lraspp_mbv3", "resnet18"):
-        assert json.loads((SHIPPED / model / RECORDS).read_text().splitlines()[0])[1][2]["mcpu"] == "znver5"
+    # The shipped databases were tuned on AVX-512 + VNNI CPUs (lraspp_mbv3 on a Zen 5, resnet18
+    # on an Intel Xeon) but hold fp32 records only.
+    for model, mcpu in (("lraspp_mbv3", "znver5"), ("resnet18", "rocketlake")):
+        assert json.loads((SHIPPED / model / RECORDS).read_text().splitlines()[0])[1][2]["mcpu"] == mcpu
         assert database_class(SHIPPED / model) == "x86_64-avx512"
 
 
@@ -180,7 +181,9 @@ def test_shipped_records_match_the_kernels_compile_builds(name, tmp_path):
 
     model = load_model(zoo.export(name, tmp_path / "m.onnx"))
     _, report = scheduled_kernels(model, Target(host_target_dict()), [SHIPPED / name])
-    total = len(report.tuned) + len(report.default) + len(report.unscheduled)
+    # Winograd's transforms are never tuned (tvmedge.tune.tuner._rule_only): their rule schedules them
+    rule_only = [k for k, rule in report.default.items() if rule == "WinogradTransform"]
+    total = len(report.tuned) + len(report.default) + len(report.unscheduled) - len(rule_only)
     assert len(report.tuned) >= 0.8 * total, f"{len(report.tuned)} of {total} kernels got a shipped record"
 
 
