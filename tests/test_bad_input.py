@@ -236,8 +236,15 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
             assert "late" in keys
         finally:
             srv.send_signal(signal.SIGINT)
-            srv.wait(timeout=90)  # a loaded CI machine stops the server group slowly
-            tr.stop()
+            try:
+                # communicate, not wait: the server's log must not fill the pipe while it stops
+                out, _ = srv.communicate(timeout=90)  # a loaded CI machine stops the server group slowly
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                out, _ = srv.communicate()
+                raise AssertionError(f"'device serve' did not stop on Ctrl-C within 90 s; its output:\n{out}")
+            finally:
+                tr.stop()
     finally:
         srv.kill()
 
