@@ -28,6 +28,13 @@ from conftest import run_cli
 PY = [sys.executable, "-m", "tvmedge"]
 
 
+def _ctrl_c_stops() -> None:
+    """In the child: SIGINT back to its default. A suite started as a background job (``cmd &``
+    in a non-interactive shell) passes SIGINT on as ignored, and Python then installs no
+    KeyboardInterrupt handler: the server would sit out the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_proc(*args: str) -> subprocess.CompletedProcess:
     return run_cli(*args)
 
@@ -220,7 +227,8 @@ def test_server_waits_for_a_tracker_that_starts_later(tmp_path):
     port = _free_port()
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
     srv = subprocess.Popen([*PY, "device", "serve", "--tracker", f"127.0.0.1:{port}", "--key", "late"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           preexec_fn=_ctrl_c_stops)
     try:
         _read_until(srv, "waiting for the RPC tracker")
         time.sleep(2)
@@ -257,7 +265,7 @@ def test_served_board_recovers_after_its_server_dies_and_stays_during_sessions()
         addr = format_host_port(tr.addr)
         serve = subprocess.Popen([*PY, "device", "serve", "--tracker", addr, "--key", "phoenix"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 env={**os.environ, "TVM_NUM_THREADS": "1"})
+                                 env={**os.environ, "TVM_NUM_THREADS": "1"}, preexec_fn=_ctrl_c_stops)
         try:
             def registered() -> bool:
                 return any(d["key"] == "phoenix" and d["total"] > 0 for d in list_devices(tr.addr))
@@ -309,7 +317,8 @@ def test_secret_key_server_refuses_clients_without_the_key():
 
     port = _free_port()
     serve = subprocess.Popen([*PY, "device", "serve", "--port", str(port), "--secret-key"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=_ctrl_c_stops)
     try:
         key = re.search(r"secret key: (\w+)", _read_until(serve, "secret key")[-1]).group(1)
         deadline = time.monotonic() + 60
