@@ -23,6 +23,8 @@ reassociation (tiling and vector accumulation order).
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -297,7 +299,7 @@ class WinogradTransform(ScheduleRule):
             loops = sch.get_loops(last)
             if len(loops) != 4:
                 return None
-            m = 4 if _int(sch.get(sch.get_loops(first)[0]).extent) == 24 else 2  # alpha * m
+            m = math.isqrt(_int(sch.get(sch.get_loops(first)[0]).extent) + 1) - 1  # the extent is (m + 2) * m
             n, h, w, c = loops
             ho, hi = sch.split(h, [None, m])
             wo, wi = sch.split(w, [None, m])
@@ -321,6 +323,7 @@ class WinogradTransform(ScheduleRule):
         if fv >= 4:
             sch.vectorize(inner[-1])
         return sch
+
 
 class SpatialReduction(ScheduleRule):
     """One reduction block (conv2d, matmul, pooling, mean) with its prologue and epilogue."""

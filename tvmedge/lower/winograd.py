@@ -89,7 +89,7 @@ def _select(index, n: int, branch):
 
 def input_transform(n: int, h: int, w: int, c: int, pad: tuple[int, int], m: int, dtype: str) -> tirx.PrimFunc:
     """data [n, h, w, c] (padded by ``pad`` = (top, left) and up to whole tiles) -> V [alpha^2, tiles, c]."""
-    a, b, _ = matrices(m)
+    _, b, _ = matrices(m)
     alpha = m + 2
     out_h, out_w = h + 2 * pad[0] - 2, w + 2 * pad[1] - 2
     th, tw = out_h // m, out_w // m
@@ -225,6 +225,7 @@ def winograd(mod: tvm.IRModule) -> tvm.IRModule:
     for gv, func in updated.items():
         rewriter.builder_.update_func(gv, func)
     return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
 
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.Winograd")
 class Winograd:
