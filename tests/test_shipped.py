@@ -78,9 +78,8 @@ def test_vnni_records_keep_their_class_fp32_ones_do_not():
     assert record_class(x86("znver4"), uses_intrinsics=False) == "x86_64-avx512"
     assert record_class(arm64("cortex-a76"), uses_intrinsics=False) == "aarch64-neon"
     assert record_class(x86("skylake-avx512"), uses_intrinsics=False) == "x86_64-avx512"
-    # The shipped databases were tuned on AVX-512 + VNNI CPUs (lraspp_mbv3 on a Zen 5, resnet18
-    # on an Intel Xeon) but hold fp32 records only.
-    for model, mcpu in (("lraspp_mbv3", "znver5"), ("resnet18", "rocketlake")):
+    # The shipped database was tuned on an AVX-512 + VNNI CPU (a Zen 5) but holds fp32 records only.
+    for model, mcpu in (("lraspp_mbv3", "znver5"),):
         assert json.loads((SHIPPED / model / RECORDS).read_text().splitlines()[0])[1][2]["mcpu"] == mcpu
         assert database_class(SHIPPED / model) == "x86_64-avx512"
 
@@ -105,7 +104,7 @@ def test_avx2_target_gets_no_avx512_database():
 
 
 def test_avx512_targets_get_the_shipped_databases():
-    want = [SHIPPED / "lraspp_mbv3", SHIPPED / "resnet18"]
+    want = [SHIPPED / "lraspp_mbv3"]
     for mcpu in ("skylake-avx512", "znver4", "sapphirerapids"):
         assert shipped_databases(resolve(json.dumps(x86(mcpu, **{"num-cores": 8})))) == want
 
@@ -115,16 +114,16 @@ def test_host_gets_the_shipped_databases_here():
     classes = usable_classes(host.target)
     # The development machines (AMD Zen 4/5, Intel Xeon) all have AVX-512.
     assert "x86_64-avx512" in classes, f"this machine is {classes[0]}: no database is shipped for it"
-    assert shipped_databases(host) == [SHIPPED / "lraspp_mbv3", SHIPPED / "resnet18"]
+    assert shipped_databases(host) == [SHIPPED / "lraspp_mbv3"]
 
 
 def test_vnni_records_never_reach_a_cpu_without_vnni(tmp_path):
     root = tmp_path / "schedules"
     vnni_dir = shipped_class_dir("x86_64-avx512-vnni", root=root)
-    tensorized_copy(SHIPPED / "resnet18", vnni_dir / "resnet18")
-    assert database_class(vnni_dir / "resnet18") == "x86_64-avx512-vnni"
+    tensorized_copy(SHIPPED / "lraspp_mbv3", vnni_dir / "tensorized")
+    assert database_class(vnni_dir / "tensorized") == "x86_64-avx512-vnni"
     # Misfiled under the avx512 class, the folder alone would let it through: the content check does not.
-    misfiled = tensorized_copy(SHIPPED / "resnet18", shipped_class_dir("x86_64-avx512", root=root) / "resnet18")
+    misfiled = tensorized_copy(SHIPPED / "lraspp_mbv3", shipped_class_dir("x86_64-avx512", root=root) / "tensorized")
     shutil.copytree(SHIPPED / "lraspp_mbv3", misfiled.parent / "lraspp_mbv3")
     skx = resolve(json.dumps(x86("skylake-avx512")))
     with pytest.warns(UserWarning, match="need x86_64-avx512-vnni"):
@@ -132,7 +131,7 @@ def test_vnni_records_never_reach_a_cpu_without_vnni(tmp_path):
     assert got == [misfiled.parent / "lraspp_mbv3"]
     # A VNNI CPU takes its own class first, then the plain AVX-512 ones.
     zen4 = resolve(json.dumps(x86("znver4")))
-    assert shipped_databases(zen4, root=root) == [vnni_dir / "resnet18", misfiled.parent / "lraspp_mbv3",
+    assert shipped_databases(zen4, root=root) == [vnni_dir / "tensorized", misfiled.parent / "lraspp_mbv3",
                                                   misfiled]
 
 
@@ -142,7 +141,7 @@ def test_own_class_wins_over_the_classes_it_contains(tmp_path):
     a = shipped_class_dir("x86_64-avx512-vnni", root=tmp_path) / "m"
     b = shipped_class_dir("x86_64-avx512", root=tmp_path) / "m"
     for d in (a, b):
-        shutil.copytree(SHIPPED / "resnet18", d)
+        shutil.copytree(SHIPPED / "lraspp_mbv3", d)
     db = open_databases([a, b])
     assert isinstance(db, ms.database.OrderedUnionDatabase)
     same_folder = open_databases([b, b.parent / "m"])
@@ -169,7 +168,7 @@ def scheduled_kernels(model, target, db_dirs):
     return schedule(mod, target, open_databases(db_dirs))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "lraspp_mbv3"])
+@pytest.mark.parametrize("name", ["lraspp_mbv3"])
 def test_shipped_records_match_the_kernels_compile_builds(name, tmp_path):
     """A change to the lowering that changes the kernels (their workload hashes) leaves the
     shipped records behind: re-tune them (schedules/README.md) when this fails."""
@@ -276,7 +275,7 @@ def test_installed_wheel_finds_targets_schedules_and_kernels(tmp_path):
         assert data_dir("targets") == pkg / "_data" / "targets", data_dir("targets")
         assert "pi4" in device_names() and resolve("pi4").name == "pi4"
         dbs = shipped_databases(resolve(json.dumps({x86("skylake-avx512")!r})))
-        assert [d.name for d in dbs] == ["lraspp_mbv3", "resnet18"], dbs
+        assert [d.name for d in dbs] == ["lraspp_mbv3"], dbs
         assert all(d.is_relative_to(pkg / "_data" / "schedules") for d in dbs), dbs
         from tvmedge.kernels import kernel_source
         assert data_dir("kernels") == pkg / "_data" / "kernels" and "popc" in kernel_source("xnor.cu")

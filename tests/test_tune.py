@@ -214,6 +214,43 @@ def test_tune_on_emulated_pi4_compile_and_run_there_matches_onnxruntime(digits_o
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
 
 
+def test_serial_runner_answers_once_every_candidate_is_measured(digits_onnx, tmp_path):
+    """A device on this machine's cores (the local server) gets a runner that returns from
+    run() with every candidate measured, so no build overlaps a measurement."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmedge.frontend import load_model
+    from tvmedge.lower.pipeline import first_schedule
+    from tvmedge.target import resolve
+    from tvmedge.tune.measure import make_builder, make_runner, serial_runner
+    from tvmedge.tune.pool import device_pool
+    from tvmedge.tune.tuner import tuning_tasks
+
+    device = resolve("host")
+    funcs = [t.dispatched[0]["main"] for t in tuning_tasks(load_model(digits_onnx), device)][:3]
+    with device_pool(device, log=lambda *_: None, threads=1) as pool:
+        assert pool.shares_host
+        builder = make_builder(None, 1, timeout_s=120)
+        runner = serial_runner(make_runner(pool.tracker, pool.key, 1, session_timeout_s=60,
+                                           device_log=tmp_path / "devices.log", emulated=False))
+        try:
+            schedules = [first_schedule(f, device.target)[0] for f in funcs]
+            built = builder.build([ms.builder.BuilderInput(s.mod, device.target) for s in schedules])
+            assert all(b.error_msg is None for b in built), [b.error_msg for b in built]
+            futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(f))
+                                  for b, f in zip(built, funcs)])
+            assert len(futures) == len(funcs) and all(f.done() for f in futures)
+            results = [f.result() for f in futures]
+            assert all(r.error_msg is None and len(r.run_secs) > 0 for r in results), [r.error_msg for r in results]
+        finally:
+            for p in (runner.pool, builder.pool):
+                if p is not None:
+                    p.shutdown()
+            for b in locals().get("built", []):
+                if b.artifact_path:
+                    shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+
+
 def test_tune_errors(digits_onnx, tmp_path):
     proc = tvmedge("tune", str(digits_onnx), "--tuning-db", str(tmp_path / "db"), "--resume")
     assert proc.returncode != 0 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr

@@ -144,6 +144,9 @@ def make_runner(tracker: tuple[str, int], key: str, workers: int, session_timeou
     rpc_config = ms.runner.RPCConfig(tracker_host=tracker[0], tracker_port=tracker[1], tracker_key=key,
                                      session_timeout_sec=session_timeout_s)
     # Emulated devices are 10-30x slower: fewer, shorter runs; real ones: a steadier mean.
+    # Caches are not flushed between runs: tried on resnet18 (2026-12-07, Intel VM with a
+    # 480 MB L3), flushed timings were 2-3x the kernels' times inside the model and the
+    # records picked by them made it 1.24x slower than the default rules.
     evaluator = ms.runner.EvaluatorConfig(number=1 if emulated else 3, repeat=2 if emulated else 3,
                                           min_repeat_ms=0 if emulated else 40, enable_cpu_cache_flush=False)
     runner = ms.runner.RPCRunner(rpc_config, evaluator, max_workers=workers,
@@ -157,6 +160,43 @@ def make_runner(tracker: tuple[str, int], key: str, workers: int, session_timeou
     runner.pool.shutdown()
     runner.pool = PopenPoolExecutor(max_workers=workers, timeout=2 * session_timeout_s + 30)
     return runner
+
+
+def serial_runner(runner):
+    """``runner``, answering only once every candidate it was given has been measured.
+
+    MetaSchedule's task scheduler does not wait for a batch's measurements: it goes on to
+    the next task and builds its candidates (LLVM, in the builder's worker processes) while
+    the device times the last batch. On a device that is this machine (the local server,
+    qemu) those builds take the cores the candidate is being timed on, and the timings
+    measure the contention. Waiting costs the overlap of building and measuring, which such
+    a device cannot give.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture
+
+    @derived_object
+    class Measured(PyRunnerFuture):
+        def __init__(self, result) -> None:
+            super().__init__()
+            self.value = result
+
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            return self.value
+
+    @derived_object
+    class SerialRunner(PyRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = runner.pool  # shut down by the tuner when it ends
+
+        def run(self, runner_inputs):
+            return [Measured(f.result()) for f in runner.run(runner_inputs)]
+
+    return SerialRunner()
 
 
 def devices_used(device_log: Path) -> int:

@@ -33,6 +33,7 @@ class DevicePool:
     free: int = 1
     emulated: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # what the device said it is (deploy.session.device_info)
+    shares_host: bool = False  # the devices run on this machine's cores (a local server, qemu)
 
     @property
     def kind(self) -> str:
@@ -112,7 +113,7 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
                                    env={"TVM_NUM_THREADS": str(threads or os.cpu_count() or 1), "TMPDIR": tmpdir},
                                    device_info={"kind": "hardware"})
             stack.callback(srv.stop)
-            yield DevicePool((tr.host, tr.port), key, 1, False, {"kind": "hardware"})
+            yield DevicePool((tr.host, tr.port), key, 1, False, {"kind": "hardware"}, shares_host=True)
         elif local_gpu:
             from ..lower.cuda import runtime_env
 
@@ -129,7 +130,8 @@ def device_pool(device: Any, tracker: str | None = None, key: str | None = None,
             log(f"[tvmedge] local tracker {tr.host}:{tr.port} + an EMULATED {device.name} (qemu); "
                 "its timings are not the real device's")
             stack.enter_context(EmulatedDevice(kind=device.name, tracker=(tr.host, tr.port), key=key))
-            yield DevicePool((tr.host, tr.port), key, 1, True, {"kind": "emulated", "board": device.name})
+            yield DevicePool((tr.host, tr.port), key, 1, True, {"kind": "emulated", "board": device.name},
+                             shares_host=True)
         else:
             raise TvmedgeError(f"target '{device.name}' is not this machine and has no emulator: "
                                "give --rpc-tracker HOST:PORT --rpc-key KEY of a real device")

@@ -11,6 +11,9 @@ rule's schedule rather than from random samples only.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 
 def seed_default_records(tasks: list, database, target, builder, runner) -> dict[str, float]:
     """Measure the default schedule of every task (``ExtractedTask``s) and commit it as a
@@ -38,8 +41,13 @@ def seed_default_records(tasks: list, database, target, builder, runner) -> dict
         runs.append(ms.runner.RunnerInput(b.artifact_path, "cuda" if target.kind.name == "cuda" else "cpu", args))
         pending.append((task, mod, sch, args))
     measured: dict[str, float] = {}
-    for (task, mod, sch, args), future in zip(pending, runner.run(runs)):
-        result = future.result()
+    try:
+        results = [f.result() for f in runner.run(runs)]
+    finally:  # MetaSchedule's RemoveBuildArtifact callback never sees these builds
+        for b in built:
+            if b.artifact_path:
+                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    for (task, mod, sch, args), result in zip(pending, results):
         if result.error_msg is not None or not result.run_secs:
             continue
         secs = [float(s) for s in result.run_secs]

@@ -316,7 +316,7 @@ def _run_tuning(todo: list, database: Any, db: TuningDatabase, device: Device, b
     """Run MetaSchedule over the tasks ``todo``; returns whether the device was lost."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .measure import make_builder, make_runner
+    from .measure import make_builder, make_runner, serial_runner
     from .seed import seed_default_records
 
     # Heaviest tasks first: the scheduler's first round visits tasks in this order, and a
@@ -341,6 +341,8 @@ def _run_tuning(todo: list, database: Any, db: TuningDatabase, device: Device, b
     builder = make_builder(device.cross_compiler, workers, timeout_s=300 if device.cross_compiler else 120)
     runner = make_runner(pool.tracker, pool.key, max(1, pool.free), session_timeout_s=300 if pool.emulated else 60,
                          device_log=device_log, emulated=pool.emulated)
+    if pool.shares_host:
+        runner = serial_runner(runner)
     bar: Any = None  # the progress bar, while MetaSchedule runs
     # The default rules' schedules, measured on the device, are the records to beat.
     seeded = seed_default_records([t for t, _ in todo], database, target, builder, runner)
