@@ -233,6 +233,7 @@ def test_serial_runner_answers_once_every_candidate_is_measured(digits_onnx, tmp
         builder = make_builder(None, 1, timeout_s=120)
         runner = serial_runner(make_runner(pool.tracker, pool.key, 1, session_timeout_s=60,
                                            device_log=tmp_path / "devices.log", emulated=False))
+        built = []
         try:
             schedules = [first_schedule(f, device.target)[0] for f in funcs]
             built = builder.build([ms.builder.BuilderInput(s.mod, device.target) for s in schedules])
@@ -246,9 +247,9 @@ def test_serial_runner_answers_once_every_candidate_is_measured(digits_onnx, tmp
             for p in (runner.pool, builder.pool):
                 if p is not None:
                     p.shutdown()
-            for b in locals().get("built", []):
+            for b in built:
                 if b.artifact_path:
-                    shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+                    ms.utils.remove_build_dir(b.artifact_path)
 
 
 def test_tune_errors(digits_onnx, tmp_path):

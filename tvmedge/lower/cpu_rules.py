@@ -441,17 +441,15 @@ class SpatialReduction(ScheduleRule):
             else:
                 tiles_o[k] = loops[k]
         plain = [loops[k] for k in spatial if k not in (vec, reg)]
-        if packed and vec in tiles_o:
-            # Each vector tile of output channels reads its own slab of packed weights: with
-            # the tiles outermost a slab stays in L2 while every output row uses it. Tiles
-            # inside the rows streamed all the weights from memory once per row (resnet18's
-            # 7x7x512 convs: 2x slower).
-            plain = [tiles_o[vec]] + plain
-        order_ = plain + [tiles_o[k] for k in (vec, reg) if k in tiles_o and tiles_o[k] not in plain]
+        vec_tiles = [tiles_o[vec]] if vec in tiles_o else []
+        # Each vector tile of output channels reads its own slab of packed weights: with the
+        # tiles outermost a slab stays in L2 while every output row uses it. Tiles inside the
+        # rows streamed all the weights from memory once per row (resnet18's 7x7x512 convs: 2x slower).
+        outer = vec_tiles + plain if packed else plain + vec_tiles
         inner = [tiles_i[k] for k in (reg, vec) if k in tiles_i]
-        sch.reorder(*order_, *[loops[k] for k in reduce_], *inner)
-        # Parallel over the plain spatial loops (and the vector tiles when they are too few).
-        _parallel(sch, plain + ([tiles_o[vec]] if vec in tiles_o and tiles_o[vec] not in plain else []), target)
+        sch.reorder(*outer, *([tiles_o[reg]] if reg in tiles_o else []), *[loops[k] for k in reduce_], *inner)
+        # Parallel over the outer loops (the vector tiles too when the rest are too few).
+        _parallel(sch, outer, target)
         # The epilogue runs under the loop just outside the reduction: on the hot tile.
         anchor_loops = sch.get_loops(block)
         n_below = len(reduce_) + len(inner)

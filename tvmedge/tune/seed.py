@@ -11,9 +11,6 @@ rule's schedule rather than from random samples only.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 
 def seed_default_records(tasks: list, database, target, builder, runner) -> dict[str, float]:
     """Measure the default schedule of every task (``ExtractedTask``s) and commit it as a
@@ -46,7 +43,7 @@ def seed_default_records(tasks: list, database, target, builder, runner) -> dict
     finally:  # MetaSchedule's RemoveBuildArtifact callback never sees these builds
         for b in built:
             if b.artifact_path:
-                shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+                ms.utils.remove_build_dir(b.artifact_path)
     for (task, mod, sch, args), result in zip(pending, results):
         if result.error_msg is not None or not result.run_secs:
             continue
