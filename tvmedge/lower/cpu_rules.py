@@ -216,12 +216,16 @@ def _schedule_spatial(sch: s_tir.Schedule, block, target: Target) -> None:
 
 
 def _inline_all(sch: s_tir.Schedule) -> None:
-    """Inline spatial blocks into their consumers (or producer) until none can be."""
+    """Inline spatial blocks into their consumers (or producer) until none can be; blocks
+    annotated ``tvmedge.materialize`` (``lower.resize``'s first stage) are not inlined."""
+    from .resize import MATERIALIZE
+
     progress = True
     while progress:
         progress = False
         for block in sch.get_child_blocks(_root(sch)):
-            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+            keep = MATERIALIZE in sch.get(block).annotations
+            for inline in (() if keep else (sch.compute_inline,)) + (sch.reverse_compute_inline,):
                 try:
                     inline(block)
                     progress = True

@@ -23,6 +23,7 @@ from tvm import relax
 from . import vecmath
 from .foldaffine import FoldConvAffine
 from .normalize import NormalizeClip
+from .resize import PermuteBeforeResize, legalize_resize2d
 from .winograd import Winograd
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -44,13 +45,13 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         from .chanpad import PadChannels
         from .cpu_rules import _is_rvv, vector_lanes
 
-        passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant()]
+        passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant(), PermuteBeforeResize()]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
             passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
         if not _is_rvv(tvm.target.Target(target)):  # see lower/winograd.py
             passes.append(Winograd())
     passes += [
-        relax.transform.LegalizeOps(vecmath.legalize_map() if cpu else None),
+        relax.transform.LegalizeOps({**vecmath.legalize_map(), "relax.image.resize2d": legalize_resize2d} if cpu else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
