@@ -96,7 +96,10 @@ def test_rules_follow_the_target_vector_width():
 def test_vector_factor_takes_whole_vectors_or_one_partial():
     f = cpu_rules._vector_factor
     assert f(128, 16) == 32 and f(48, 16) == 16 and f(24, 16) == 8 and f(12, 16) == 4
-    assert f(1000, 16, max_vectors=8) == 40  # matrix-vector: several partial vectors side by side
+    # matrix-vector (no register axis): up to 8 whole vectors (the rule unrolls them), but never
+    # several partial ones (LLVM re-packs a 40-lane accumulator lane by lane)
+    assert f(1024, 16, max_vectors=8) == 128 and f(960, 16, max_vectors=8) == 96
+    assert f(1000, 16, max_vectors=8) == 8
     assert f(7, 16) == 1
 
 
@@ -282,6 +285,58 @@ def test_channel_padding_takes_counts_vectors_do_not_fit():
     assert [padded_channels(c, 16) for c in (58, 116, 24, 40, 72, 120, 440, 20)] == [64, 128, None, None, None, None, None, None]
     assert [padded_channels(c, 16) for c in (18, 17, 23, 35, 10, 5, 3)] == [24, 20, 24, 40, 12, 8, None]
     assert [padded_channels(c, 4) for c in (58, 18, 16, 12)] == [60, 20, None, None]
+
+
+def test_matrix_product_columns_are_padded_to_two_vectors():
+    from tvmedge.lower.chanpad import padded_columns
+
+    # to a multiple of 32 lanes where that grows the columns by at most a third
+    assert [padded_columns(n, 16) for n in (1000, 1024, 10, 21, 100, 40)] == [1024, None, None, None, 128, None]
+    assert padded_columns(1000, 4) is None and padded_columns(1002, 4) == 1008
+
+
+class Classifier(nn.Module):
+    """An ImageNet-style head: pooled features, 1000 classes, softmax after the padded product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(96, 1000)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x.mean(dim=(2, 3)))
+        return logits, torch.softmax(logits, dim=-1)
+
+
+def test_classifier_columns_are_padded_sliced_back_and_match_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from tvmedge.lower.pipeline import kernels, prepare
+
+    torch.manual_seed(0)
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(Classifier().eval(), (torch.randn(1, 96, 7, 7),), str(path), input_names=["x"],
+                      output_names=["logits", "probs"], opset_version=17, dynamo=False)
+    model = load_model(path)
+    host = resolve("host")
+    products = {n: f for n, f in kernels(prepare(model.mod, host.target)).items() if "matmul" in n}
+    assert len(products) == 1
+    (name, func), = products.items()
+    # 1024 columns computed, the slice back to 1000 fused into the product's epilogue
+    assert "strided_slice" in name and any(1024 in [int(d) for d in p.shape] for p in func.params)
+    # its tile of several vectors is one unrolled vector op per vector, no wider LLVM vector
+    import re
+
+    from tvmedge.lower.pipeline import schedule
+
+    scheduled = kernels(schedule(prepare(model.mod, host.target), host.target)[0])[name].script()
+    widths = {int(w) for w in re.findall(r"T\.vectorized\(T\.int64\((\d+)\)\)", scheduled)}
+    assert widths and max(widths) <= cpu_rules.vector_lanes(host.target) and "T.unroll" in scheduled
+    x = np.random.default_rng(0).standard_normal((1, 96, 7, 7)).astype("float32")
+    refs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    compile_model(model, host, tmp_path / "head.tar", use_shipped=False)
+    outs = run_artifact(tmp_path / "head.tar", {"x": x}, repeat=1).outputs
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
 
 
 class ResidualPair(nn.Module):

@@ -123,15 +123,14 @@ def _numel(sch: s_tir.Schedule, block) -> int | None:
 
 def _vector_factor(extent: int, lanes: int, max_vectors: int = 2) -> int:
     """The vector tile of an axis: the largest divisor of ``extent`` made of up to ``max_vectors``
-    whole vectors; else one half or quarter vector (at least 4 lanes). Odd multiples of a
-    partial vector (24 = 1.5 AVX-512 vectors) made LLVM spill the accumulators: 5x slower."""
+    whole vectors; else one half or quarter vector (at least 4 lanes). Several partial vectors
+    side by side (24 = 1.5 AVX-512 vectors, a GEMV's 40 = 2.5) made LLVM re-pack the
+    accumulators lane by lane every step: 2-5x slower than one partial vector."""
     for k in range(max_vectors, 0, -1):
         if extent % (lanes * k) == 0:
             return lanes * k
     for f in (lanes // 2, lanes // 4):
         if f >= 4 and extent % f == 0:
-            if max_vectors > 2:  # no register axis: several partial vectors side by side
-                return max(f * k for k in range(1, max_vectors * lanes // f + 1) if extent % (f * k) == 0)
             return f
     return 1
 
@@ -459,6 +458,14 @@ class SpatialReduction(ScheduleRule):
         n_below = len(reduce_) + len(inner)
         anchor = anchor_loops[len(anchor_loops) - n_below - 1] if len(anchor_loops) > n_below else None
 
+        if vec in tiles_i and fv > lanes and reg is None:
+            # Several vectors with no register axis (a matrix-vector product): one unrolled
+            # vector op each. A loop of fv lanes vectorized whole is one LLVM vector of fv
+            # lanes, which LLVM re-packs every step unless fv is a power of two: SE blocks'
+            # 960x240 product ran 10x slower as one 80-lane vector than as 5 x 16.
+            unroll_, tiles_i[vec] = sch.split(tiles_i[vec], [None, lanes])
+            sch.unroll(unroll_)
+            n_below += 1
         if vec in tiles_i and fv >= 4:
             sch.vectorize(tiles_i[vec])
         if reg in tiles_i and fr > 1:
@@ -473,7 +480,11 @@ class SpatialReduction(ScheduleRule):
             tail_loops = sch.get_loops(tail)
             n_tail = len(inner)
             tile = tail_loops[len(tail_loops) - n_tail:] if n_tail else []
-            if tile and fv >= 4 and vec in tiles_i:
+            if tile and fv > lanes and reg is None and vec in tiles_i:
+                unroll_, lane = sch.split(tile[-1], [None, lanes])
+                sch.unroll(unroll_)
+                sch.vectorize(lane)
+            elif tile and fv >= 4 and vec in tiles_i:
                 sch.vectorize(tile[-1])
         else:
             _schedule_spatial(sch, tail, target)
