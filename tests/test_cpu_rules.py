@@ -390,3 +390,46 @@ def test_winograd_matrices_compute_a_3_tap_convolution():
         d, k = rng.standard_normal(m + 2), rng.standard_normal(3)
         y = a.T @ ((g @ k) * (b.T @ d))
         assert np.allclose(y, np.correlate(d, k, mode="valid"), atol=1e-12)
+
+
+class Aspp(nn.Module):
+    """DeepLabV3's ASPP on a 16x16 map: at dilation 24 and 36 only the centre taps read the
+    input; at 12 all taps do for some position; a stride-2 3x3 conv on a 1x1 map; and a 3x5
+    kernel whose rows alone reach past the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Conv2d(8, 4, 3, padding=d, dilation=d) for d in (1, 12, 24, 36)])
+        self.wide = nn.Conv2d(8, 4, (3, 5), padding=(20, 2), dilation=(20, 1))
+        self.tiny = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.cat([b(x) for b in self.branches] + [self.wide(x)], dim=1)
+        return y, self.tiny(nn.functional.adaptive_avg_pool2d(x, 1))
+
+
+def test_taps_that_only_read_padding_are_dropped_exactly(tmp_path):
+    import onnxruntime as ort
+
+    from tvmedge.lower.pipeline import kernels, prepare
+    from tvmedge.lower.taps import live_taps
+
+    assert live_taps(16, 16, 3, 1, 24, 24) == [1] and live_taps(16, 16, 3, 1, 12, 12) == [0, 1, 2]
+    assert live_taps(1, 1, 3, 2, 1, 1) == [1]
+    torch.manual_seed(0)
+    path = tmp_path / "aspp.onnx"
+    torch.onnx.export(Aspp().eval(), (torch.randn(1, 8, 16, 16),), str(path), input_names=["x"],
+                      output_names=["y", "tiny"], opset_version=17, dynamo=False)
+    model = load_model(path)
+    host = resolve("host")
+    weights = sorted(tuple(int(d) for d in p.shape) for f in kernels(prepare(model.mod, host.target)).values()
+                     for p in f.params if len(p.shape) == 4 and int(p.shape[3]) == 4 and int(p.shape[2]) == 8)
+    # dilation 1 and 12 stay 3x3 (two kernels); 24 and 36 become 1x1 (one kernel, used twice);
+    # the 3x5 kernel keeps its middle row; the conv on the 1x1 map keeps its centre tap
+    assert weights == [(1, 1, 8, 4), (1, 1, 8, 4), (1, 5, 8, 4), (3, 3, 8, 4), (3, 3, 8, 4)], weights
+    x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype("float32")
+    refs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    compile_model(model, host, tmp_path / "aspp.tar", use_shipped=False)
+    outs = run_artifact(tmp_path / "aspp.tar", {"x": x}, repeat=1).outputs
+    for out, ref in zip(outs, refs, strict=True):
+        assert np.abs(out - ref).max() <= 1e-5 + 1e-5 * np.abs(ref).max()

@@ -24,6 +24,7 @@ from . import vecmath
 from .foldaffine import FoldConvAffine
 from .normalize import NormalizeClip
 from .resize import PermuteBeforeResize, legalize_resize2d
+from .taps import DropPaddingTaps
 from .winograd import Winograd
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -45,7 +46,8 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         from .chanpad import PadChannels
         from .cpu_rules import _is_rvv, vector_lanes
 
-        passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant(), PermuteBeforeResize()]
+        passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant(), DropPaddingTaps(),
+                   PermuteBeforeResize()]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
             passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
         if not _is_rvv(tvm.target.Target(target)):  # see lower/winograd.py
