@@ -2,7 +2,9 @@
 
 :func:`prepare` normalizes importer output, folds BatchNorm and constants, converts
 convolutions to NHWC (channels innermost: what SIMD vectors and our CPU rules want; the
-weights are transposed once, at compile time), legalizes and fuses. Its PrimFuncs are the
+weights are transposed once, at compile time), drops conv taps that read only padding
+(:mod:`.taps`), moves transposes before resizes (:mod:`.resize`), pads channels and matrix
+columns to whole vectors (:mod:`.chanpad`), rewrites 3x3 convs as Winograd, legalizes and fuses. Its PrimFuncs are the
 kernels that tuning records and default rules apply to, so ``tvmedge tune`` extracts its
 tasks from the same module ``compile`` builds.
 
