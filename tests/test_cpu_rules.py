@@ -394,8 +394,8 @@ def test_winograd_matrices_compute_a_3_tap_convolution():
 
 class Aspp(nn.Module):
     """DeepLabV3's ASPP on a 16x16 map: at dilation 24 and 36 only the centre taps read the
-    input; at 12 all taps do for some position; a stride-2 3x3 conv on a 1x1 map; and a 3x5
-    kernel whose rows alone reach past the map."""
+    input; at 12 each tap does for some positions only (zones); a stride-2 3x3 conv on a 1x1
+    map; and a 3x5 kernel whose rows alone reach past the map."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -412,21 +412,23 @@ def test_taps_that_only_read_padding_are_dropped_exactly(tmp_path):
     import onnxruntime as ort
 
     from tvmedge.lower.pipeline import kernels, prepare
-    from tvmedge.lower.taps import live_taps
+    from tvmedge.lower.taps import live_taps, zones
 
     assert live_taps(16, 16, 3, 1, 24, 24) == [1] and live_taps(16, 16, 3, 1, 12, 12) == [0, 1, 2]
     assert live_taps(1, 1, 3, 2, 1, 1) == [1]
+    assert zones(16, 16, 3, 1, 12, 12) == [(0, 4, [1, 2]), (4, 12, [1]), (12, 16, [0, 1])]
     torch.manual_seed(0)
     path = tmp_path / "aspp.onnx"
     torch.onnx.export(Aspp().eval(), (torch.randn(1, 8, 16, 16),), str(path), input_names=["x"],
                       output_names=["y", "tiny"], opset_version=17, dynamo=False)
     model = load_model(path)
     host = resolve("host")
-    weights = sorted(tuple(int(d) for d in p.shape) for f in kernels(prepare(model.mod, host.target)).values()
-                     for p in f.params if len(p.shape) == 4 and int(p.shape[3]) == 4 and int(p.shape[2]) == 8)
-    # dilation 1 and 12 stay 3x3 (two kernels); 24 and 36 become 1x1 (one kernel, used twice);
-    # the 3x5 kernel keeps its middle row; the conv on the 1x1 map keeps its centre tap
-    assert weights == [(1, 1, 8, 4), (1, 1, 8, 4), (1, 5, 8, 4), (3, 3, 8, 4), (3, 3, 8, 4)], weights
+    weights = sorted(tuple(int(d) for d in f.params[1].shape)
+                     for name, f in kernels(prepare(model.mod, host.target)).items() if "conv2d" in name)
+    # dilation 1 stays 3x3; 24 and 36 become 1x1; the 3x5 kernel keeps its middle row; the conv
+    # on the 1x1 map keeps its centre tap; dilation 12 becomes 3x3 zones of at most 2x2 taps
+    assert weights.count((3, 3, 8, 4)) == 1 and (1, 5, 8, 4) in weights and (1, 1, 8, 4) in weights, weights
+    assert (2, 2, 8, 4) in weights and (2, 1, 8, 4) in weights, weights
     x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype("float32")
     refs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     compile_model(model, host, tmp_path / "aspp.tar", use_shipped=False)
