@@ -6,7 +6,9 @@ and timed with the TVM runtime (``--threads``, default all cores). Reported: med
 speed-up over fp32, model size (.relax file), and the task metric where the model is trained
 (shapes-seg mIoU on its held-out split; digits-cnn accuracy), else the output error vs fp32.
 ONNX Runtime fp32 runs the original ONNX model on the same input and threads: each variant's
-ratio to it is reported too (a weakly tuned fp32 baseline flatters every compressed variant).
+ratio to it is reported too (a weakly tuned fp32 baseline flatters every compressed variant),
+and ONNX Runtime's own int8 (``quantize_static``, QDQ, same calibration inputs) is a row of
+its own, with its latency, size and metric.
 Low-rank uses one FLOP budget for the model (``--lowrank-flops``, ranks per layer from the
 spectra) with factors fitted to the layers' responses on the calibration data. Low-rank and
 compact models of trained models are fine-tuned by distillation (``--finetune-steps`` on
@@ -57,6 +59,35 @@ def _variants(name: str, model: Any, calib: Any, tune_data: Any, args: argparse.
         rep["seconds"] = round(time.time() - t0, 1)
         out[kind] = (m, rep)
     return out
+
+
+def _onnxruntime_int8(onnx_path: Path, tmp: Path, calib: Any, probe: Any, ref_out: Any, evals: Any,
+                      fp32: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """ONNX Runtime's own int8 of the original model (``quantize_static``, QDQ) calibrated on
+    the same inputs, as a row of the table: the peer every tvmedge int8 is held against."""
+    import onnxruntime as ort
+
+    from tvmedge.bench.peers import onnxruntime_latency, onnxruntime_qdq, summarize
+    from tvmedge.core.metrics import errors
+    from tvmedge.optimize.check import outputs_over, score
+
+    try:
+        qdq = onnxruntime_qdq(onnx_path, tmp / f"{onnx_path.stem}.qdq.onnx", list(calib.samples))
+        sess = ort.InferenceSession(qdq, providers=["CPUExecutionProvider"])
+        run = lambda s: sess.run(None, s)  # noqa: E731
+        row: dict[str, Any] = {"status": "ok", "flops": fp32.get("flops", float("nan")),
+                               "bytes": Path(qdq).stat().st_size}
+        row.update(errors(ref_out, outputs_over(run, probe)))
+        if evals is not None:
+            row["metric"] = evals.metric
+            row["score"] = score(outputs_over(run, evals), evals)
+        row["latency_ms"] = summarize(onnxruntime_latency(qdq, probe.samples[0], args.threads,
+                                                          max(args.repeat, 50)))["median"]
+        print(f"{onnx_path.stem} onnxruntime int8 (QDQ): {row['latency_ms']:.2f} ms, score {row.get('score')}",
+              flush=True)
+        return row
+    except Exception as e:  # noqa: BLE001 - the peer failing must not lose the tvmedge rows
+        return {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 def main() -> None:
@@ -153,6 +184,8 @@ def main() -> None:
             ort_ms = summarize(onnxruntime_latency(onnx_path, random_inputs(specs), args.threads,
                                                    max(args.repeat, 50)))["median"]
             print(f"{name} onnxruntime fp32: {ort_ms:.2f} ms", flush=True)
+            rows["onnxruntime int8 (QDQ)"] = _onnxruntime_int8(onnx_path, tmp, calib, probe, ref_out, evals,
+                                                               rows.get("fp32", {}), args)
             base = rows["fp32"]
             for row in rows.values():
                 if row.get("status") == "ok":

@@ -39,6 +39,27 @@ def test_openvino_f32_matches_onnxruntime(digits):
     assert out.shape == ref.shape and out.argmax() == ref.argmax()
 
 
+def test_onnxruntime_int8_is_a_qdq_model_close_to_fp32(digits, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from tvmedge.bench.peers import onnxruntime_qdq
+    from tvmedge.optimize import data as data_mod
+
+    path, _ = digits
+    from tvmedge.frontend import load_model
+
+    calib = data_mod.load("digits", load_model(path), "calib", limit=16)
+    evals = data_mod.load("digits", load_model(path), "eval", limit=64)
+    qdq = onnxruntime_qdq(path, tmp_path / "digits.qdq.onnx", list(calib.samples))
+    ops = {n.op_type for n in onnx.load(qdq).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    f32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(qdq, providers=["CPUExecutionProvider"])
+    agree = np.mean([f32.run(None, s)[0].argmax() == q.run(None, s)[0].argmax() for s in evals.samples])
+    assert agree >= 0.95
+
+
 def test_latencies_are_per_run_milliseconds(digits):
     path, inputs = digits
     for lat in (openvino_latency(path, inputs, threads=1, precision="f32", repeat=7),
