@@ -295,6 +295,15 @@ def test_matrix_product_columns_are_padded_to_two_vectors():
     assert padded_columns(1000, 4) is None and padded_columns(1002, 4) == 1008
 
 
+def _exported(make: type[nn.Module], shape: tuple[int, ...], path, outputs: list[str]):
+    """``make()`` (built with seed 0) exported to ONNX at ``path`` with input ``x``: (path,
+    imported model, host)."""
+    torch.manual_seed(0)
+    torch.onnx.export(make().eval(), (torch.randn(*shape),), str(path), input_names=["x"], output_names=outputs,
+                      opset_version=17, dynamo=False)
+    return path, load_model(path), resolve("host")
+
+
 class Classifier(nn.Module):
     """An ImageNet-style head: pooled features, 1000 classes, softmax after the padded product."""
 
@@ -312,12 +321,7 @@ def test_classifier_columns_are_padded_sliced_back_and_match_onnxruntime(tmp_pat
 
     from tvmedge.lower.pipeline import kernels, prepare
 
-    torch.manual_seed(0)
-    path = tmp_path / "head.onnx"
-    torch.onnx.export(Classifier().eval(), (torch.randn(1, 96, 7, 7),), str(path), input_names=["x"],
-                      output_names=["logits", "probs"], opset_version=17, dynamo=False)
-    model = load_model(path)
-    host = resolve("host")
+    path, model, host = _exported(Classifier, (1, 96, 7, 7), tmp_path / "head.onnx", ["logits", "probs"])
     products = {n: f for n, f in kernels(prepare(model.mod, host.target)).items() if "matmul" in n}
     assert len(products) == 1
     (name, func), = products.items()
@@ -417,12 +421,7 @@ def test_taps_that_only_read_padding_are_dropped_exactly(tmp_path):
     assert live_taps(16, 16, 3, 1, 24, 24) == [1] and live_taps(16, 16, 3, 1, 12, 12) == [0, 1, 2]
     assert live_taps(1, 1, 3, 2, 1, 1) == [1]
     assert zones(16, 16, 3, 1, 12, 12) == [(0, 4, [1, 2]), (4, 12, [1]), (12, 16, [0, 1])]
-    torch.manual_seed(0)
-    path = tmp_path / "aspp.onnx"
-    torch.onnx.export(Aspp().eval(), (torch.randn(1, 8, 16, 16),), str(path), input_names=["x"],
-                      output_names=["y", "tiny"], opset_version=17, dynamo=False)
-    model = load_model(path)
-    host = resolve("host")
+    path, model, host = _exported(Aspp, (1, 8, 16, 16), tmp_path / "aspp.onnx", ["y", "tiny"])
     weights = sorted(tuple(int(d) for d in f.params[1].shape)
                      for name, f in kernels(prepare(model.mod, host.target)).items() if "conv2d" in name)
     # dilation 1 stays 3x3; 24 and 36 become 1x1; the 3x5 kernel keeps its middle row; the conv

@@ -96,6 +96,25 @@ def first_divisor(n: int, candidates: tuple[int, ...]) -> int:
     return next((c for c in candidates if n % c == 0), 1)
 
 
+def rewrite_functions(mod: Any, mutator: Any, before: Any = None) -> Any:
+    """Run ``mutator`` (a Relax ``PyExprMutator`` that counts its rewrites in ``count``) over
+    every Relax function of ``mod``, calling ``before(func)`` first where given; the rewritten
+    module with dead bindings removed, or ``mod`` itself when nothing was rewritten."""
+    from tvm import relax
+
+    updated = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            if before is not None:
+                before(func)
+            updated[gv] = mutator.visit_expr(func)
+    if mutator.count == 0:
+        return mod
+    for gv, func in updated.items():
+        mutator.builder_.update_func(gv, func)
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+
 def finish_kernel(sch: Any) -> Any:
     """A hand-scheduled kernel's PrimFunc, marked so that fusion keeps it whole (opaque) and
     dlight/MetaSchedule/tvmedge's default rules leave its schedule alone."""

@@ -30,6 +30,8 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..core.graph import rewrite_functions
+
 MATERIALIZE = "tvmedge.materialize"
 _MODES = ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel")
 
@@ -160,16 +162,7 @@ class _PermuteFirst(PyExprMutator):
 def permute_before_resize(mod: tvm.IRModule) -> tvm.IRModule:
     """Move each ``permute_dims`` that is a resize's only use in front of the resize."""
     rewriter = _PermuteFirst(mod)
-    updated = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.uses = _uses(func)
-            updated[gv] = rewriter.visit_expr(func)
-    if rewriter.count == 0:
-        return mod
-    for gv, func in updated.items():
-        rewriter.builder_.update_func(gv, func)
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return rewrite_functions(mod, rewriter, before=lambda func: setattr(rewriter, "uses", _uses(func)))
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.PermuteBeforeResize")

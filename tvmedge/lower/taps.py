@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..core.graph import conv_attrs, shape_of
+from ..core.graph import conv_attrs, rewrite_functions, shape_of
 
 MAX_DENSE_SHARE = 0.5  # zones are used when at most this share of (output, tap) pairs is live
 MAX_ZONES = 3  # per axis
@@ -147,13 +147,7 @@ class _DropTaps(PyExprMutator):
 
 def drop_padding_taps(mod: tvm.IRModule) -> tvm.IRModule:
     """Rewrite every conv of ``mod``'s Relax functions that has taps reading padding only."""
-    rewriter = _DropTaps(mod)
-    updated = {gv: rewriter.visit_expr(f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
-    if rewriter.count == 0:
-        return mod
-    for gv, func in updated.items():
-        rewriter.builder_.update_func(gv, func)
-    return rewriter.builder_.get()
+    return rewrite_functions(mod, _DropTaps(mod))
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.DropPaddingTaps")

@@ -39,7 +39,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..core.graph import dtype_of, shape_of
+from ..core.graph import dtype_of, rewrite_functions, shape_of
 
 MIN_CHANNELS = 16
 MIN_TILES = 49
@@ -218,13 +218,7 @@ def winograd(mod: tvm.IRModule) -> tvm.IRModule:
     ConvertLayout and FoldConstant, before legalization)."""
     if os.environ.get("TVMEDGE_WINOGRAD", "1") == "0":
         return mod
-    rewriter = _Winograd(mod)
-    updated = {gv: rewriter.visit_expr(func) for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
-    if rewriter.count == 0:
-        return mod
-    for gv, func in updated.items():
-        rewriter.builder_.update_func(gv, func)
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return rewrite_functions(mod, _Winograd(mod))
 
 
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.Winograd")
