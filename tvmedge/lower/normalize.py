@@ -5,6 +5,11 @@ ONNX's ``Clip`` imports as ``call_tir`` PrimFuncs (``topi.maximum``/``minimum`` 
 ``ConvertLayout``, so an NHWC conversion would put a transpose pair around every ReLU6.
 Here both become ``R.maximum``/``R.minimum`` with a constant of the tensor's rank, which
 ConvertLayout, LegalizeOps and FuseOps all handle.
+
+``R.quantize`` has no layout rule either: every per-tensor quantize the int8 rewrite writes
+got a transpose pair around it in the NHWC graph. :data:`NormalizeQuantize` spells a
+per-tensor quantize out as the elementwise ops its legalization computes (divide, round, add
+the zero point, clamp, cast), in the same order, so the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -72,6 +77,45 @@ class _Clip(PyExprMutator):
 def NormalizeClip(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite clip-like ``call_tir``/``R.clip`` into ranked ``R.maximum``/``R.minimum``."""
     mutator_ = _Clip(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+
+
+@mutator
+class _Quantize(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.mod = mod
+
+    def _scalar(self, expr) -> np.ndarray | None:
+        value = constant_value(self, expr)
+        return value.reshape(()) if value is not None and value.size == 1 else None
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.quantize"):
+            return call
+        x, scale, zp = call.args
+        info = x.ty
+        out = str(call.attrs.out_dtype)
+        s, z = self._scalar(scale), self._scalar(zp)
+        if (s is None or z is None or out not in ("int8", "uint8") or not isinstance(info, relax.TensorType)
+                or str(info.dtype) != "float32" or info.ndim <= 0):
+            return call
+        lo, hi = np.iinfo(out).min, np.iinfo(out).max
+        y = relax.op.divide(x, relax.const(s.astype("float32")))
+        y = relax.op.add(relax.op.round(y), relax.const(np.float32(z)))
+        y = relax.op.maximum(relax.op.minimum(y, _ranked(float(hi), "float32", info.ndim)),
+                             _ranked(float(lo), "float32", info.ndim))
+        return relax.op.astype(y, out)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeQuantize")
+def NormalizeQuantize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Rewrite per-tensor ``R.quantize`` (float32 -> int8/uint8) into its elementwise ops."""
+    mutator_ = _Quantize(mod)
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator_.builder_.update_func(gv, mutator_.visit_expr(func))

@@ -24,7 +24,7 @@ from tvm import relax
 
 from . import vecmath
 from .foldaffine import FoldConvAffine
-from .normalize import NormalizeClip
+from .normalize import NormalizeClip, NormalizeQuantize
 from .resize import PermuteBeforeResize, legalize_resize2d
 from .taps import DropPaddingTaps
 from .winograd import Winograd
@@ -39,6 +39,7 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
     passes = [
         relax.transform.FoldConstant(),
         NormalizeClip,
+        NormalizeQuantize,
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.FoldConstant(),
@@ -49,7 +50,7 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         from .cpu_rules import _is_rvv, vector_lanes
 
         passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant(), DropPaddingTaps(),
-                   PermuteBeforeResize()]
+                   PermuteBeforeResize(), DotKernels(tvm.target.Target(target))]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
             passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
         if not _is_rvv(tvm.target.Target(target)):  # see lower/winograd.py
@@ -67,6 +68,19 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential(passes)(mod)
     return _drop_unknown_schedule_rules(mod, tvm.target.Target(target))
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.DotKernels")
+class DotKernels:
+    """int8 conv2d / matmul on dot-product kernels (``lower.int8_dot``), on the NHWC graph."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: D102
+        from .int8_dot import rewrite_module
+
+        return rewrite_module(mod, self.target)
 
 
 def _copy(mod: tvm.IRModule) -> tvm.IRModule:
