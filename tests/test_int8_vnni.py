@@ -55,7 +55,8 @@ def _rand(rng, shape, dtype):
     return a
 
 
-def _conv_mod(xshape, w, strides, padding, pad_value=None):
+def _conv_mod(xshape, w, strides, padding, pad_value=None, layout="NCHW"):
+    """An int8 conv (NCHW/OIHW, or NHWC/HWIO as ConvertLayout leaves it)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -65,9 +66,11 @@ def _conv_mod(xshape, w, strides, padding, pad_value=None):
             inp = x
             if pad_value is not None:  # what quantize.py writes for a non-zero zero point
                 t, left, b, r = padding
-                inp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, t, b, left, r], pad_value=float(pad_value)))
+                widths = [0, 0, t, b, left, r, 0, 0] if layout == "NHWC" else [0, 0, 0, 0, t, b, left, r]
+                inp = bb.emit(relax.op.nn.pad(x, widths, pad_value=float(pad_value)))
                 padding = (0, 0, 0, 0)
-            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32"))
+            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32",
+                                           data_layout=layout, kernel_layout="HWIO" if layout == "NHWC" else "OIHW"))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()
@@ -106,40 +109,20 @@ def test_conv_bit_exact(xshape, o, k, stride, padding):
     _check(_conv_mod(xshape, w, (stride, stride), padding), [x], 1)
 
 
-def _conv_nhwc_mod(xshape, w, strides, padding, pad_value=None):
-    """``_conv_mod``'s conv on NHWC activations and HWIO weights (what ConvertLayout leaves)."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            inp = x
-            if pad_value is not None:
-                t, left, b, r = padding
-                inp = bb.emit(relax.op.nn.pad(x, [0, 0, t, b, left, r, 0, 0], pad_value=float(pad_value)))
-                padding = (0, 0, 0, 0)
-            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32",
-                                           data_layout="NHWC", kernel_layout="HWIO"))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 @pytest.mark.parametrize("xshape,o,k,stride,padding", CONVS)
 def test_conv_nhwc_bit_exact(xshape, o, k, stride, padding):
     n, c, h, w_ = xshape
     rng = np.random.default_rng(sum(xshape) + o + 1)
     w = _rand(rng, (k, k, c, o), np.int8)
     x = _rand(rng, (n, h, w_, c), np.uint8)
-    _check(_conv_nhwc_mod((n, h, w_, c), w, (stride, stride), padding), [x], 1)
+    _check(_conv_mod((n, h, w_, c), w, (stride, stride), padding, layout="NHWC"), [x], 1)
 
 
 def test_conv_nhwc_zero_point_pad_folded():
     rng = np.random.default_rng(2)
     w = _rand(rng, (3, 3, 6, 24), np.int8)
     x = _rand(rng, (1, 9, 7, 6), np.uint8)
-    mod = _conv_nhwc_mod((1, 9, 7, 6), w, (2, 2), (1, 2, 1, 0), pad_value=97)
+    mod = _conv_mod((1, 9, 7, 6), w, (2, 2), (1, 2, 1, 0), pad_value=97, layout="NHWC")
     new, layers = rewrite_dot(mod, HOST.target)
     assert layers[0]["pad_folded"] and layers[0]["layout"] == "NHWC" and "R.nn.pad" not in new.script(show_meta=False)
     _check(mod, [x], 1)

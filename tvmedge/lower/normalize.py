@@ -73,14 +73,17 @@ class _Clip(PyExprMutator):
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeClip")
-def NormalizeClip(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Rewrite clip-like ``call_tir``/``R.clip`` into ranked ``R.maximum``/``R.minimum``."""
-    mutator_ = _Clip(mod)
+def _rewrite_all(mod: tvm.IRModule, mutator_: PyExprMutator) -> tvm.IRModule:
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
     return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeClip")
+def NormalizeClip(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Rewrite clip-like ``call_tir``/``R.clip`` into ranked ``R.maximum``/``R.minimum``."""
+    return _rewrite_all(mod, _Clip(mod))
 
 
 @mutator
@@ -115,8 +118,4 @@ class _Quantize(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeQuantize")
 def NormalizeQuantize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite per-tensor ``R.quantize`` (float32 -> int8/uint8) into its elementwise ops."""
-    mutator_ = _Quantize(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+    return _rewrite_all(mod, _Quantize(mod))
