@@ -73,6 +73,23 @@ def _conv(stride, padding, pad_value=None):
     return make
 
 
+def _requantized(bias, scale):
+    """A 3x3 conv with the quantizer's epilogue (int32 bias, float scale, requantize to uint8),
+    which the rewrite fuses into the kernel after the shift correction."""
+    from tvm import relax
+
+    def make(bb, x, w):
+        o = bias.shape[0]
+        y = bb.emit(relax.op.nn.conv2d(x, w, padding=(1, 1, 1, 1), out_dtype="int32"))
+        y = bb.emit(relax.op.astype(bb.emit(relax.op.add(y, relax.const(bias.reshape(1, o, 1, 1)))), "float32"))
+        y = bb.emit(relax.op.multiply(y, relax.const(scale.reshape(1, o, 1, 1))))
+        y = bb.emit(relax.op.round(bb.emit(relax.op.divide(y, relax.const(np.float32(0.05))))))
+        y = bb.emit(relax.op.maximum(bb.emit(relax.op.minimum(y, relax.const(np.float32(127)))),
+                                     relax.const(np.float32(-128))))
+        return relax.op.astype(bb.emit(relax.op.add(y, relax.const(np.float32(128)))), "uint8")
+    return make
+
+
 def _matmul(bb, x, w):
     from tvm import relax
 
@@ -87,6 +104,10 @@ def _cases():
         cases.append((_mod(xshape, w, _conv(s, pad)), _rand(rng, xshape, np.uint8)))
     cases.append((_mod((1, 6, 9, 7), _rand(rng, (24, 6, 3, 3), np.int8), _conv(2, (1, 2, 1, 0), pad_value=97)),
                   _rand(rng, (1, 6, 9, 7), np.uint8)))
+    cases.append((_mod((1, 5, 6, 6), _rand(rng, (22, 5, 3, 3), np.int8),
+                       _requantized(rng.integers(-3000, 3000, 22).astype("int32"),
+                                    (rng.integers(1, 64, 22) * 2.0 ** -12).astype("float32"))),
+                  _rand(rng, (1, 5, 6, 6), np.uint8)))
     for xshape, n in MATMULS:
         cases.append((_mod(xshape, _rand(rng, (xshape[-1], n), np.int8), _matmul), _rand(rng, xshape, np.uint8)))
     return cases
@@ -167,8 +188,9 @@ def test_kernels_bit_exact_on_emulated_pi5(pi5):
         vm = _remote_vm(sess, tvm.compile(new, target=PI5.target), pi5["dir"] / f"case{i}.so")
         got = vm["main"](tvm.runtime.tensor(x, sess.cpu())).numpy()
         ref = _host_run(mod, x)
-        assert got.dtype == np.int32 and got.shape == ref.shape
+        assert got.dtype == ref.dtype and got.shape == ref.shape
         np.testing.assert_array_equal(got, ref, err_msg=f"case {i}: {layers[0]}")
+    assert any(len(rewrite_dot(m, PI5.target)[1][0]["epilogue"]) > 5 for m, _ in _cases())
 
 
 @pytest.mark.slow

@@ -139,6 +139,78 @@ def test_conv_zero_point_pad_folded():
     _check(mod, [x], 1)
 
 
+def _requant_mod(xshape, w, bias, scale, layout, branch=False):
+    """An int8 conv with the epilogue the quantizer writes: int32 bias, float scale, ReLU6,
+    requantize to uint8 (``branch``: the float value before the requantize is an output too)."""
+    from tvm import relax
+
+    o = bias.shape[0]
+    per_channel = (1, 1, 1, o) if layout == "NHWC" else (1, o, 1, 1)
+    f32 = lambda v: relax.const(np.float32(v))  # noqa: E731
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=(1, 1, 1, 1), out_dtype="int32",
+                                           data_layout=layout, kernel_layout="HWIO" if layout == "NHWC" else "OIHW"))
+            y = bb.emit(relax.op.add(y, relax.const(bias.reshape(per_channel))))
+            y = bb.emit(relax.op.astype(y, "float32"))
+            y = bb.emit(relax.op.multiply(relax.const(scale.reshape(per_channel)), y))
+            y = bb.emit(relax.op.maximum(y, relax.const(np.zeros((1, 1, 1, 1), "float32"))))
+            f = bb.emit(relax.op.minimum(y, f32(6.0)))
+            y = bb.emit(relax.op.divide(f, f32(0.0213)))
+            y = bb.emit(relax.op.round(y))
+            y = bb.emit(relax.op.add(y, f32(3.0)))
+            y = bb.emit(relax.op.minimum(y, f32(255.0)))
+            y = bb.emit(relax.op.maximum(y, f32(0.0)))
+            y = bb.emit(relax.op.astype(y, "uint8"))
+            out = bb.emit_output(relax.Tuple([y, f]) if branch else y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("layout,o", [("NHWC", 32), ("NHWC", 24), ("NCHW", 32)])
+def test_conv_epilogue_fused_bit_exact(layout, o):
+    """The bias / scale / ReLU6 / requantize chain runs inside the kernel (one call, uint8 out)
+    with the same result as the generic ops; O = 24 is not whole channel blocks (a separate
+    write-back stage), NCHW writes channels-first."""
+    rng = np.random.default_rng(o)
+    c = 8
+    w = _rand(rng, (3, 3, c, o) if layout == "NHWC" else (o, c, 3, 3), np.int8)
+    x = _rand(rng, (1, 10, 12, c) if layout == "NHWC" else (1, c, 10, 12), np.uint8)
+    bias = rng.integers(-5000, 5000, o).astype("int32")
+    scale = (rng.integers(1, 40, o) * 2.0 ** -14).astype("float32")
+    mod = _requant_mod(x.shape, w, bias, scale, layout)
+    new, layers = rewrite_dot(mod, HOST.target)
+    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "maximum", "minimum", "divide", "round", "add",
+                                     "minimum", "maximum", "astype"]
+    text = new.script(show_meta=False)
+    assert text.count("R.call_tir") == 1 and "R.add" not in text and "R.round" not in text
+    ref, got = _run(mod, [x]), _run(new, [x])
+    assert got.dtype == np.uint8 and ref.dtype == np.uint8 and 0 < got.mean() < 255
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_conv_epilogue_stops_at_a_shared_value():
+    """A value read twice ends the chain: the kernel computes up to it, the rest stays."""
+    import tvm
+    from tvm import relax
+
+    rng = np.random.default_rng(3)
+    w = _rand(rng, (3, 3, 8, 16), np.int8)
+    x = _rand(rng, (1, 6, 6, 8), np.uint8)
+    bias = rng.integers(-5000, 5000, 16).astype("int32")
+    scale = np.full(16, 2.0 ** -10, "float32")
+    mod = _requant_mod(x.shape, w, bias, scale, "NHWC", branch=True)
+    new, layers = rewrite_dot(mod, HOST.target)
+    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "maximum", "minimum"]
+    assert "R.round" in new.script(show_meta=False)
+    run = lambda m: relax.VirtualMachine(tvm.compile(m, target=HOST.target), tvm.cpu())["main"](  # noqa: E731
+        tvm.runtime.tensor(x))
+    for a, b in zip(run(mod), run(new)):
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+
+
 @pytest.mark.parametrize("xshape,n", [((1, 9), 10), ((1, 256), 128), ((4, 37), 33), ((3, 64), 16),
                                       ((2, 3, 20), 17), ((32, 256), 512)])
 def test_matmul_bit_exact(xshape, n):

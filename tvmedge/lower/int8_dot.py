@@ -83,9 +83,11 @@ from typing import Any
 import numpy as np
 
 from ..core.graph import bindings, dtype_of, finish_kernel, first_divisor, op_name, shape_of
+from . import epilogue
 from .intrin import SDOT_INTRIN_LOCAL, VNNI_INTRIN_LOCAL, register_sdot, register_vnni
 
 ENV_SWITCH = "TVMEDGE_INT8_DOT"
+EPILOGUE_SWITCH = "TVMEDGE_INT8_EPILOGUE"  # "0": leave the requantize chains to FuseOps
 
 
 def _ceil(v: int, m: int) -> int:
@@ -219,11 +221,14 @@ def _to_act(v: Any, isa: DotIsa) -> Any:
 
 def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, strides: tuple[int, int],
                 padding: tuple[int, int, int, int], pad_value: int = 0, x_tile: int | None = None,
-                o_blocks: int | None = None, isa: DotIsa = VNNI, layout: str = "NCHW"):
+                o_blocks: int | None = None, isa: DotIsa = VNNI, layout: str = "NCHW", epilogue: Any = None):
     """PrimFunc ``(x uint8, w packed int8, out int32)`` (``sdot``: ``(x, w, corr int32 [O], out)``),
     activations in ``layout`` (NCHW or NHWC); ``padding`` is (top, left, bottom, right), filled
-    with ``pad_value``."""
+    with ``pad_value``. With an ``epilogue`` (:class:`~tvmedge.lower.epilogue.Epilogue`) the
+    kernel takes its constants after ``w`` / ``corr`` and writes the chain's result instead."""
     from tvm import s_tir, te, tirx
+
+    from . import epilogue as epi
 
 
     lanes = isa.lanes
@@ -262,15 +267,18 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
     else:
         acc = te.compute((n, op // lanes, oh, ow, lanes), dot, name="acc")
 
+    extra = epi.inputs(epilogue, o) if epilogue is not None else []
+
     def write_back(ni, oc, y, xx):
         v = acc[ni, y, xx, oc // lanes, oc % lanes] if nhwc else acc[ni, oc // lanes, y, xx, oc % lanes]
-        return v + corr[oc] if corr is not None else v
+        v = v + corr[oc] if corr is not None else v
+        return epi.compute(epilogue, v, oc, extra) if epilogue is not None else v
 
     if nhwc:
         out = te.compute((n, oh, ow, o), lambda ni, y, xx, oc: write_back(ni, oc, y, xx), name="out")
     else:
         out = te.compute((n, o, oh, ow), write_back, name="out")
-    sch = s_tir.Schedule(te.create_prim_func([x, wt] + ([corr] if corr is not None else []) + [out]))
+    sch = s_tir.Schedule(te.create_prim_func([x, wt] + ([corr] if corr is not None else []) + extra + [out]))
 
     blk = sch.get_sblock("acc")
     if nhwc:
@@ -293,7 +301,8 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
     _register_tile(sch, blk, xo, i, oi, (xi, obi), isa)  # xt x obt x lanes accumulators in registers
     if nhwc and op == o and corr is None:
         # NHWC with whole channel blocks: the o-blocked accumulator is the output's layout, so
-        # the register tile is stored straight into the output (no int32 copy of the result)
+        # the register tile is stored straight into the output (no int32 copy of the result;
+        # with an epilogue, the tile goes through it on its way out)
         sch.reverse_compute_inline(sch.get_sblock("out"))
         stages.remove("out")
     if par:  # the relayout and the write-back are as big as the conv: parallel with it
@@ -458,12 +467,22 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
     defs = {b.var: b.value for b in bindings(mod["main"])}
     state = _Rewriter()
     lanes = isa.lanes
+    # each conv's epilogue chain (bias, scale, requantize) goes into its kernel: the kernel
+    # computes the chain's last value, and the conv and the chain's ops are left dead
+    plans = {var: _conv_plan(v, defs) for var, v in defs.items() if op_name(v) == "relax.nn.conv2d"}
+    plans = {var: p for var, p in plans.items() if p is not None}
+    heads = {var: (int(p["weight"].shape[0]), 3 if p["layout"] == "NHWC" else 1) for var, p in plans.items()}
+    found = epilogue.chains(mod["main"], heads) if os.environ.get(EPILOGUE_SWITCH, "1") != "0" else {}
+    fused_heads = {defs[var] for var in found}
+    ends = {defs[e.end]: (plans[var], e) for var, e in found.items()}
 
     @relax.expr_functor.mutator
     class Mutator(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             op = op_name(call)
-            if op == "relax.nn.conv2d":
+            if call in ends:
+                return self.conv(*ends[call])
+            if op == "relax.nn.conv2d" and call not in fused_heads:
                 plan = _conv_plan(call, defs)
                 if plan is not None:
                     return self.conv(plan)
@@ -473,25 +492,29 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
                     return new
             return super().visit_call_(call)
 
-        def conv(self, p: dict[str, Any]) -> Any:
+        def conv(self, p: dict[str, Any], epi: Any = None) -> Any:
             n, c, h, w = p["shape"]
             wq = p["weight"]
             o, _, kh, kw = wq.shape
             (pt, pl, pb, pr), (sh, sw) = p["padding"], p["strides"]
             oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
             nhwc = p["layout"] == "NHWC"
-            key = (f"{isa.key}_conv2d", n, c, h, w, o, kh, kw, p["strides"], p["padding"], p["pad_value"], p["layout"])
+            key = (f"{isa.key}_conv2d", n, c, h, w, o, kh, kw, p["strides"], p["padding"], p["pad_value"], p["layout"],
+                   epi.key() if epi is not None else None)
             gv = state.func(self.builder_, key, lambda: conv2d_func(n, c, h, w, o, kh, kw, p["strides"],
                                                                      p["padding"], p["pad_value"], isa=isa,
-                                                                     layout=p["layout"]))
+                                                                     layout=p["layout"], epilogue=epi))
             state.layers.append({"op": "conv2d", "in": [n, c, h, w], "out": [n, o, oh, ow], "kernel": [kh, kw],
                                  "stride": [sh, sw], "tiles": list(conv_tiles(ow, o, isa)),
-                                 "pad_folded": p["pad_value"] != 0, "layout": p["layout"]})
+                                 "pad_folded": p["pad_value"] != 0, "layout": p["layout"],
+                                 "epilogue": [s.op for s in epi.steps] if epi is not None else []})
             x = self.visit_expr(p["data"])
             args = [x, relax.const(pack_conv_weight(wq, lanes))]
             if isa.shift:
                 args.append(relax.const(shift_correction(wq, 0)))
-            return relax.call_tir(gv, args, out_ty=relax.TensorType([n, oh, ow, o] if nhwc else [n, o, oh, ow], "int32"))
+            args += [relax.const(v) for v in (epi.consts if epi is not None else [])]
+            dtype = epi.dtype if epi is not None else "int32"
+            return relax.call_tir(gv, args, out_ty=relax.TensorType([n, oh, ow, o] if nhwc else [n, o, oh, ow], dtype))
 
         def matmul(self, call: Any) -> Any | None:
             plan = _matmul_plan(call)
