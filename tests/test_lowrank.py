@@ -118,6 +118,70 @@ def test_lowrank_exact_on_lowrank_weights(tmp_path):
         factorize(model, energy=0.9, flops_ratio=0.5)
 
 
+def test_layer_models_compute_the_layer(tmp_path):
+    """The single-layer models latency-aware low rank times: the dense one is the layer itself,
+    the factorized one at the weights' exact ranks gives the same outputs."""
+    import tvm
+    from tvm import relax
+
+    from tvmedge.optimize.lowrank import _make_mutator, layer_models
+    from tvmedge.target import resolve
+
+    path = tmp_path / "lr.onnx"
+    net = LowRankNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, input_names=["input"])
+    model = load_model(path)
+    survey: dict = {}
+    _make_mutator(survey, None, None, {"layers": [], "skipped": []})(model.mod).visit_expr(model.mod["main"])
+    x = torch.randn(1, 48, 16, 16)
+    for name, ranks, ref in (("conv2d_2", (16, 12), net.c2(x) - net.c2.bias[None, :, None, None]),
+                             ("matmul_1", (6, 0), None)):
+        lay = survey[name]
+        dense, factored = layer_models(lay, ranks)
+        assert dense.inputs[0].shape == lay.in_shape and count(factored, "nn.conv2d" if ref is not None else "matmul") \
+            == (3 if ref is not None else 2)
+        xin = x.numpy() if ref is not None else np.random.default_rng(0).normal(size=lay.in_shape).astype("float32")
+        outs = [relax.VirtualMachine(tvm.compile(m.mod, target=resolve("host").target), tvm.cpu())["main"](
+            tvm.runtime.tensor(xin)).numpy() for m in (dense, factored)]
+        if ref is not None:
+            np.testing.assert_allclose(outs[0], ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-3, atol=1e-3)
+
+
+def test_lowrank_latency_aware_on_a_local_server(digits):
+    """Every planned layer is timed dense and factorized on a real local RPC server; only those
+    measured faster (by MIN_MEASURED_SPEEDUP) are rewritten, the others are skipped with the times."""
+    from tvmedge.optimize.layer_timing import LayerTimer
+    from tvmedge.optimize.lowrank import MIN_MEASURED_SPEEDUP
+    from tvmedge.target import resolve
+    from tvmedge.tune.pool import device_pool
+
+    host = resolve("host")
+    with device_pool(host, log=lambda *a: None, threads=1) as pool:
+        timer = LayerTimer(host, pool, repeat=5, rounds=1)
+        new, rep = factorize(digits["model"], energy=0.9, timer=timer)
+        timer.close()
+    assert rep["latency_aware"] == {"device": "host", "kind": "hardware", "tuning_db": None}
+    measured = {m["layer"]: m for m in rep["measured"]}
+    assert sorted(measured) == ["conv2d_2", "conv2d_3", "matmul_1", "matmul_2"]  # the plan at energy 0.9
+    for m in measured.values():
+        assert m["dense_ms"] > 0 and m["factored_ms"] > 0 and m["predicted_speedup"] > 1.1
+        assert m["kept"] == (m["dense_ms"] / m["factored_ms"] >= MIN_MEASURED_SPEEDUP)
+    assert [r["layer"] for r in rep["layers"]] == [n for n, m in measured.items() if m["kept"]]
+    skipped = {s["layer"]: s["reason"] for s in rep["skipped"]}
+    assert all("ms dense" in skipped[n] for n, m in measured.items() if not m["kept"])
+    assert count(new, "nn.conv2d") == count(digits["model"], "nn.conv2d") + 2 * sum(
+        measured[n]["kept"] for n in ("conv2d_2", "conv2d_3"))
+
+
+def test_lowrank_measure_needs_lowrank(digits, tmp_path):
+    r = run_cli("optimize", str(digits["path"]), "-o", str(tmp_path / "x.relax"), "--lowrank-measure", "host",
+                "--quantize", "int8", "--calib", "digits", in_process=True)
+    assert r.returncode != 0 and "--lowrank-measure" in r.stderr and "--lowrank" in r.stderr
+
+
 def test_lowrank_digits_and_finetune(digits):
     model, calib, evals = digits["model"], digits["calib"], digits["eval"]
     new, rep = factorize(model, energy=0.9)

@@ -33,6 +33,14 @@ def add_optimize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lowrank-flops", type=float, metavar="RATIO",
                    help="low-rank factorization to this fraction of the weight layers' FLOPs (e.g. 0.5): one "
                         "kept-energy level for all layers, so each layer's rank follows its spectrum")
+    g.add_argument("--lowrank-measure", metavar="TARGET",
+                   help="latency-aware low rank: time each layer alone, dense and factorized, on TARGET (a local "
+                        "server for host, qemu for an emulated board, or the device at --measure-tracker) and keep "
+                        "only the factorizations that ran faster; reports predicted vs measured speedups")
+    g.add_argument("--measure-tracker", metavar="HOST:PORT", help="RPC tracker of the device --lowrank-measure times on")
+    g.add_argument("--measure-key", metavar="KEY", help="device key at --measure-tracker")
+    g.add_argument("--measure-tuning-db", metavar="DIR",
+                   help="tuning records applied to the layers --lowrank-measure times (where they hold the workloads)")
     g.add_argument("--compact", action="store_true",
                    help="compact-filter rewrites of KxK convs (needs --calib)")
     g.add_argument("--compact-max-error", type=float, default=0.05, metavar="E",
@@ -59,7 +67,9 @@ def rewrite_options(args: argparse.Namespace) -> RewriteOptions:
                           lowrank_flops=args.lowrank_flops, compact=args.compact,
                           compact_max_error=args.compact_max_error, finetune_steps=args.finetune_steps,
                           max_drop=args.max_drop, prune=args.prune, prune_flops=args.prune_flops,
-                          criterion=args.criterion)
+                          criterion=args.criterion, lowrank_measure=args.lowrank_measure,
+                          measure_tracker=args.measure_tracker, measure_key=args.measure_key,
+                          measure_db=args.measure_tuning_db)
 
 
 def wants_rewrites(args: argparse.Namespace) -> bool:
@@ -124,6 +134,16 @@ def print_report(report: dict[str, Any], out=None) -> None:
                           f"(ratio {rep['model_flops_after'] / rep['model_flops_before']:.3f}"
                           + (f", asked {rep['flops_ratio']:.3g} of the weight layers'" if rep.get("flops_ratio") else "")
                           + ")")
+        if rep.get("measured"):
+            where = rep["latency_aware"]
+            table = Table(title=f"lowrank: each layer timed alone on {where['device']} ({where['kind']}"
+                                + (f", records of {where['tuning_db']}" if where.get("tuning_db") else "") + ")")
+            for c in ("layer", "ranks", "dense ms", "factorized ms", "predicted speedup (FLOPs)", "measured speedup", "kept"):
+                table.add_column(c)
+            for m in rep["measured"]:
+                table.add_row(m["layer"], "->".join(map(str, m["ranks"])), _fmt(m["dense_ms"]), _fmt(m["factored_ms"]),
+                              f"{m['predicted_speedup']:.2f}x", f"{m['measured_speedup']:.2f}x", "yes" if m["kept"] else "no")
+            console.print(table)
         for s in rep.get("skipped", []):
             console.print(f"  skipped {s['layer']}: {s['reason']}")
     c = report["check"]

@@ -34,6 +34,9 @@ from .data import Dataset
 HOOI_SWEEPS = 3
 # A rewrite that saves less than this share of a layer's FLOPs is not worth an extra layer.
 MIN_SAVING = 0.1
+# Latency-aware: a factorization is kept where it measured at least this much faster (a smaller
+# gain is within a device's run-to-run noise, and the extra layer costs accuracy).
+MIN_MEASURED_SPEEDUP = 1.05
 MAX_SAMPLES = 16  # calibration samples whose activations are captured for response fits
 MAX_ROWS = 20000  # pixels (rows) used per least-squares fit
 
@@ -208,6 +211,8 @@ class _Layer:
                  in_hw: int = 0, out_hw: int = 0, rows: int = 0, x: np.ndarray | None = None) -> None:
         self.name, self.kind, self.w, self.before, self.attrs = name, kind, w, before, attrs
         self.in_hw, self.out_hw, self.rows, self.x = in_hw, out_hw, rows, x
+        self.in_shape: list[int] = []  # the layer's input and output shapes (for timing it alone)
+        self.out_shape: list[int] = []
         self.y: torch.Tensor | None = None  # the layer's output on the calibration inputs
         self.pca: np.ndarray | None = None  # principal output directions (data-aware fit)
         w64 = w.astype(np.float64)
@@ -314,16 +319,19 @@ def _make_mutator(layers: dict[str, _Layer], plan: dict[str, tuple[int, int]] | 
                     return None
                 out = shape_of(call)
                 rows = int(np.prod(out[:-1])) if out else 1
-                return _Layer(name, "matmul", w, 2 * rows * w.shape[0] * w.shape[1], rows=rows, x=x)
-            attrs = conv_attrs(call)
-            why = conv_unsupported(attrs, w)
-            if why:
-                report["skipped"].append({"layer": name, "reason": why})
-                return None
-            o, i, kh, kw = w.shape
-            out, inp = shape_of(call), shape_of(call.args[0])
-            return _Layer(name, "1x1" if kh == kw == 1 else "kxk", w, conv_flops(i, o, kh, kw, out[2] * out[3]),
-                          attrs, inp[2] * inp[3], out[2] * out[3], x=x)
+                lay = _Layer(name, "matmul", w, 2 * rows * w.shape[0] * w.shape[1], rows=rows, x=x)
+            else:
+                attrs = conv_attrs(call)
+                why = conv_unsupported(attrs, w)
+                if why:
+                    report["skipped"].append({"layer": name, "reason": why})
+                    return None
+                o, i, kh, kw = w.shape
+                out, inp = shape_of(call), shape_of(call.args[0])
+                lay = _Layer(name, "1x1" if kh == kw == 1 else "kxk", w, conv_flops(i, o, kh, kw, out[2] * out[3]),
+                             attrs, inp[2] * inp[3], out[2] * out[3], x=x)
+            lay.in_shape, lay.out_shape = list(shape_of(call.args[0]) or []), list(shape_of(call) or [])
+            return lay
 
         def _rewrite(self, call: Any, lay: _Layer, r_out: int, r_in: int) -> Any:
             w, x = lay.w, call.args[0]
@@ -396,8 +404,60 @@ def _geometry(attrs: dict[str, Any]) -> dict[str, Any]:
     return {"stride": attrs["strides"], "pad": attrs["padding"], "dilation": attrs["dilation"]}
 
 
+def layer_models(lay: _Layer, ranks: tuple[int, int]) -> tuple[ImportedModel, ImportedModel]:
+    """The layer alone, dense and factorized with ``ranks`` (weights-only factors: the timing
+    depends on the shapes, not on the fit)."""
+    import copy
+
+    from tvm import relax
+
+    from .layer_timing import single_layer
+
+    w = relax.const(np.ascontiguousarray(lay.w))
+    if lay.kind == "matmul":
+        op = lambda x: relax.op.matmul(x, w)  # noqa: E731
+    else:
+        a = lay.attrs
+        op = lambda x: relax.op.nn.conv2d(x, w, strides=a["strides"], padding=a["padding"],  # noqa: E731
+                                          dilation=a["dilation"])
+    dense = single_layer(op, lay.in_shape, lay.out_shape, f"{lay.name} dense")
+    plain = copy.copy(lay)
+    plain.x = plain.y = plain.pca = None
+    name = f"{'matmul' if lay.kind == 'matmul' else 'conv2d'}_1"  # the only layer of the one-layer model
+    factored = rewrite_main(dense, _make_mutator({name: plain}, {name: ranks}, None, {"layers": [], "skipped": []}))
+    return dense, factored
+
+
+def _measure(survey: dict[str, _Layer], plan: dict[str, tuple[int, int]], timer: Any, report: dict[str, Any],
+             progress: Callable[[str], Any] | None) -> dict[str, tuple[int, int]]:
+    """The plan without the layers whose factorization did not run faster on ``timer``'s device;
+    one row per measured layer in ``report["measured"]``."""
+    kept: dict[str, tuple[int, int]] = {}
+    report["latency_aware"] = timer.where
+    report["measured"] = []
+    for k, (name, ranks) in enumerate(plan.items()):
+        lay = survey[name]
+        if progress:
+            progress(f"timing {name} dense and factorized ({k + 1}/{len(plan)}) on {timer.where['device']}")
+        dense_ms, factored_ms = timer.compare(*layer_models(lay, ranks))
+        predicted = lay.before / max(lay.flops(*ranks), 1)
+        measured = dense_ms / factored_ms if factored_ms > 0 else 0.0
+        faster = measured >= MIN_MEASURED_SPEEDUP
+        report["measured"].append({"layer": name, "ranks": list(ranks), "dense_ms": round(dense_ms, 4),
+                                   "factored_ms": round(factored_ms, 4), "predicted_speedup": round(predicted, 3),
+                                   "measured_speedup": round(measured, 3), "kept": faster})
+        if faster:
+            kept[name] = ranks
+        else:
+            report["skipped"].append({"layer": name, "reason": f"factorized measured {measured:.2f}x on "
+                                      f"{timer.where['device']} ({factored_ms:.4f} vs {dense_ms:.4f} ms dense; "
+                                      f"needs {MIN_MEASURED_SPEEDUP:.2f}x; FLOPs predicted {predicted:.2f}x)"})
+    return kept
+
+
 def factorize(model: ImportedModel, energy: float | None = None, flops_ratio: float | None = None,
-              calib: Dataset | None = None) -> tuple[ImportedModel, dict[str, Any]]:
+              calib: Dataset | None = None, timer: Any = None,
+              progress: Callable[[str], Any] | None = None) -> tuple[ImportedModel, dict[str, Any]]:
     """Factorize the dense/matmul/conv layers of ``model``; returns (new model, report).
 
     Give ``energy`` (fraction of squared singular values kept per layer, e.g. 0.95) or
@@ -405,7 +465,10 @@ def factorize(model: ImportedModel, energy: float | None = None, flops_ratio: fl
     for all layers, the highest that fits, so each layer's rank follows its own spectrum);
     neither means 0.95 energy. With ``calib`` the output ranks come from the spectrum of
     each layer's responses to the calibration data and the last factor is refitted to them
-    (least squares); without it, from the weights alone.
+    (least squares); without it, from the weights alone. With a ``timer``
+    (:class:`~tvmedge.optimize.layer_timing.LayerTimer`) each planned layer is timed alone on
+    its device, dense and factorized, and stays dense unless the factorization measured
+    faster (``report["measured"]``: predicted vs measured speedups).
     """
     if energy is not None and flops_ratio is not None:
         raise TvmedgeError("factorize: give energy or flops_ratio, not both")
@@ -439,6 +502,8 @@ def factorize(model: ImportedModel, energy: float | None = None, flops_ratio: fl
             what = f"rank {r[0]}" if lay.kind != "kxk" else f"Tucker ranks {r[1]}->{r[0]}"
             report["skipped"].append({"layer": name, "reason": f"{what} of {'x'.join(map(str, lay.w.shape))} would "
                                       f"not lower FLOPs by {MIN_SAVING:.0%} ({lay.flops(*r)} vs {lay.before})"})
+    if timer is not None and plan:
+        plan = _measure(survey, plan, timer, report, progress)
     new = rewrite_main(model, _make_mutator(survey, plan, inputs, report))
     report["model_flops_before"] = graph_flops(model.mod)
     report["model_flops_after"] = graph_flops(new.mod)
