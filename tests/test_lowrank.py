@@ -270,7 +270,8 @@ def test_finetune_unknown_op_is_named():
 def test_call_tir_graph_factorized_on_responses(tmp_path):
     """mobilenet_v2's ONNX import writes Clip (ReLU6) as isnan/where + call_tir PrimFuncs: the
     interpreter runs those with TVM (batched, matching the compiled model), so response-fitted
-    low-rank works on it; fine-tuning through a call_tir fails with one clear error."""
+    low-rank works on it, and fine-tuning goes through them once they are mapped back to
+    R.maximum/R.minimum (finetune.differentiable; the same outputs)."""
     from tvmedge.optimize.data import Dataset
     from tvmedge.core.model import random_inputs
 
@@ -285,8 +286,16 @@ def test_call_tir_graph_factorized_on_responses(tmp_path):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     new, rep = factorize(model, flops_ratio=0.7, calib=data)
     assert rep["fit"] == "responses" and len(rep["layers"]) > 10
-    with pytest.raises(TvmedgeError, match="call_tir.*cannot be differentiated"):
-        finetune(model, new, 1, data, progress=False)
+    from tvmedge.optimize.finetune import differentiable
+
+    spelled = differentiable(model.mod)
+    assert "R.call_tir" not in spelled["main"].script(show_meta=False)
+    with torch.no_grad():
+        same = RelaxModule(spelled, trainable=False)(x)[0].numpy()
+    assert np.abs(same - got).max() <= 1e-5 * np.abs(got).max()  # folded weights: summation order only
+    tuned, frep = finetune(model, new, 2, data, progress=False, batch=2)
+    assert "R.call_tir" not in tuned.mod["main"].script(show_meta=False)
+    assert frep["distill_loss_after"] <= frep["distill_loss_before"]
 
 
 def test_cli_lowrank_compact_compile(digits, shapes):

@@ -10,7 +10,9 @@ are needed and any perturbation is valid. The trained values are written back as
 constants of the Relax graph.
 
 Graphs with an operation the interpreter does not know raise a :class:`TvmedgeError`
-naming it.
+naming it. ``call_tir`` PrimFuncs that importers write for elementwise ops (ONNX Clip, i.e.
+ReLU6 in MobileNets) are first mapped back to Relax ops (:func:`differentiable`), so fine-tuning
+goes through them; an unknown one still fails, naming it.
 
 :class:`RelaxModule` is only for training: TVM's runtime computes no gradients. Every
 inference (checks, calibration, ``tvmedge run``) goes through :class:`tvmedge.core.vm.ModelVM`.
@@ -125,6 +127,8 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
     "relax.nn.softmax": lambda args, a: F.softmax(args[0], dim=int(a.axis)),
     "relax.clip": lambda args, a: torch.clamp(args[0], args[1], args[2]),
     "relax.isnan": lambda args, a: torch.isnan(args[0]),
+    "relax.maximum": lambda args, a: torch.maximum(args[0], args[1].to(args[0].dtype)),
+    "relax.minimum": lambda args, a: torch.minimum(args[0], args[1].to(args[0].dtype)),
     "relax.where": lambda args, a: torch.where(args[0], args[1], args[2]),
     "relax.call_tir": None,  # RelaxModule._call_tir: the PrimFunc itself, compiled for this host
     "relax.nn.max_pool2d": _pool("max"),
@@ -138,6 +142,25 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
     "relax.image.resize2d": _resize2d,
     "relax.reshape": _reshape,
 }
+
+
+def differentiable(mod: Any) -> Any:
+    """``mod`` with the ``call_tir`` PrimFuncs importers emit for elementwise ops spelled as
+    Relax ops, which the interpreter maps to torch and differentiates. ONNX Clip imports as
+    ``call_tir`` to TOPI's maximum/minimum against 0-d bounds (``isnan``/``where`` of constants):
+    constant folding settles the bounds, then :data:`tvmedge.lower.normalize.NormalizeClip`
+    replaces each PrimFunc it proves equal to ``topi.maximum``/``minimum`` (by comparing the
+    TIR) with ``R.maximum``/``R.minimum``: the same computation, so the model is unchanged. A
+    ``call_tir`` it does not recognize stays (fine-tuning through it fails, naming it)."""
+    import tvm
+    from tvm import relax
+
+    from ..lower.normalize import NormalizeClip
+
+    if "R.call_tir" not in mod["main"].script(show_meta=False):
+        return mod
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), NormalizeClip,
+                                     relax.transform.DeadCodeElimination(["main"])])(mod)
 
 
 class RelaxModule(nn.Module):
@@ -337,6 +360,7 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
         raise TvmedgeError(f"finetune: input dtype {model.inputs[0].dtype} (only float32)")
     t0 = time.time()
     torch.manual_seed(seed)
+    model = replace(model, mod=differentiable(model.mod))
     teacher = RelaxModule(original.mod, trainable=False).eval()
     student = RelaxModule(model.mod, trainable=True).train()
     x_all = torch.from_numpy(np.concatenate([s[name] for s in data.samples]).astype(np.float32))
