@@ -153,7 +153,7 @@ def test_layer_models_compute_the_layer(tmp_path):
 def test_lowrank_latency_aware_on_a_local_server(digits):
     """Every planned layer is timed dense and factorized on a real local RPC server; only those
     measured faster (by MIN_MEASURED_SPEEDUP) are rewritten, the others are skipped with the times."""
-    from tvmedge.optimize.layer_timing import LayerTimer
+    from tvmedge.tune.layer_timing import LayerTimer
     from tvmedge.optimize.lowrank import MIN_MEASURED_SPEEDUP
     from tvmedge.target import resolve
     from tvmedge.tune.pool import device_pool
@@ -176,10 +176,15 @@ def test_lowrank_latency_aware_on_a_local_server(digits):
         measured[n]["kept"] for n in ("conv2d_2", "conv2d_3"))
 
 
-def test_lowrank_measure_needs_lowrank(digits, tmp_path):
+def test_cli_lowrank_measure(digits, tmp_path):
     r = run_cli("optimize", str(digits["path"]), "-o", str(tmp_path / "x.relax"), "--lowrank-measure", "host",
                 "--quantize", "int8", "--calib", "digits", in_process=True)
     assert r.returncode != 0 and "--lowrank-measure" in r.stderr and "--lowrank" in r.stderr
+    out = cli("optimize", str(digits["path"]), "-o", str(tmp_path / "lr.relax"), "--lowrank", "0.9",
+              "--lowrank-measure", "host", "--json")
+    rep = json.loads(out.stdout)["rewrites"][0]
+    assert rep["latency_aware"]["device"] == "host" and len(rep["measured"]) == 4
+    assert (tmp_path / "lr.relax").exists()
 
 
 def test_lowrank_digits_and_finetune(digits):

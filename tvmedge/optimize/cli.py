@@ -8,6 +8,7 @@ the order of :func:`~tvmedge.optimize.passes.passes_from_options`) and prints th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -18,7 +19,7 @@ from ..core.schema import envelope
 from ..core.model import ImportedModel
 from ..core.progress import Reporter
 from ..core.progress import console as make_console
-from .passes import PassContext, Pipeline, RewriteOptions, passes_from_options
+from .passes import LowRank, PassContext, Pipeline, RewriteOptions, passes_from_options
 
 def add_optimize_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression rewrites")
@@ -67,9 +68,7 @@ def rewrite_options(args: argparse.Namespace) -> RewriteOptions:
                           lowrank_flops=args.lowrank_flops, compact=args.compact,
                           compact_max_error=args.compact_max_error, finetune_steps=args.finetune_steps,
                           max_drop=args.max_drop, prune=args.prune, prune_flops=args.prune_flops,
-                          criterion=args.criterion, lowrank_measure=args.lowrank_measure,
-                          measure_tracker=args.measure_tracker, measure_key=args.measure_key,
-                          measure_db=args.measure_tuning_db)
+                          criterion=args.criterion, lowrank_measure=args.lowrank_measure)
 
 
 def wants_rewrites(args: argparse.Namespace) -> bool:
@@ -99,7 +98,29 @@ def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: boo
     calib = data_mod.load(args.calib, model, "calib", limit=args.calib_size) if args.calib else None
     evals = data_mod.load(args.eval, model, "eval") if args.eval else None
     ctx = PassContext(original=model, calib=calib, eval=evals, progress=Reporter(progress))
-    return Pipeline(passes)(model, ctx)
+    with contextlib.ExitStack() as stack:
+        if args.lowrank_measure:
+            timer = stack.enter_context(_layer_timer(args, ctx.progress))
+            for p in passes:
+                if isinstance(p, LowRank):
+                    p.timer = timer
+        return Pipeline(passes)(model, ctx)
+
+
+@contextlib.contextmanager
+def _layer_timer(args: argparse.Namespace, progress: Reporter):
+    """A LayerTimer on ``--lowrank-measure``'s device for the duration of the rewrites."""
+    from ..target import resolve
+    from ..tune.layer_timing import LayerTimer
+    from ..tune.pool import device_pool
+
+    device = resolve(args.lowrank_measure)
+    with device_pool(device, tracker=args.measure_tracker, key=args.measure_key, log=progress.line) as pool:
+        timer = LayerTimer(device, pool, tuning_db=args.measure_tuning_db)
+        try:
+            yield timer
+        finally:
+            timer.close()
 
 
 def print_report(report: dict[str, Any], out=None) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import TvmedgeError
-from ..core.model import ImportedModel
+from ..core.model import ImportedModel, TensorSpec
 from ..core.graph import CONV, MATMUL, constant_value, conv_attrs, shape_of
 from .data import Dataset
 
@@ -404,14 +404,26 @@ def _geometry(attrs: dict[str, Any]) -> dict[str, Any]:
     return {"stride": attrs["strides"], "pad": attrs["padding"], "dilation": attrs["dilation"]}
 
 
+def single_layer(call_of_x: Any, in_shape: list[int], out_shape: list[int], name: str) -> ImportedModel:
+    """An ImportedModel whose ``main(x)`` is one op (``call_of_x(x)`` builds it)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(in_shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(call_of_x(x))
+        bb.emit_func_output(out)
+    return ImportedModel(bb.get(), [TensorSpec("x", list(in_shape), "float32")],
+                         [TensorSpec("y", list(out_shape), "float32")], "relax", name, "")
+
+
 def layer_models(lay: _Layer, ranks: tuple[int, int]) -> tuple[ImportedModel, ImportedModel]:
     """The layer alone, dense and factorized with ``ranks`` (weights-only factors: the timing
     depends on the shapes, not on the fit)."""
     import copy
 
     from tvm import relax
-
-    from .layer_timing import single_layer
 
     w = relax.const(np.ascontiguousarray(lay.w))
     if lay.kind == "matmul":
@@ -466,7 +478,8 @@ def factorize(model: ImportedModel, energy: float | None = None, flops_ratio: fl
     neither means 0.95 energy. With ``calib`` the output ranks come from the spectrum of
     each layer's responses to the calibration data and the last factor is refitted to them
     (least squares); without it, from the weights alone. With a ``timer``
-    (:class:`~tvmedge.optimize.layer_timing.LayerTimer`) each planned layer is timed alone on
+    (:class:`~tvmedge.tune.layer_timing.LayerTimer`: ``where`` and ``compare(dense, factored)``
+    -> ms) each planned layer is timed alone on
     its device, dense and factorized, and stays dense unless the factorization measured
     faster (``report["measured"]``: predicted vs measured speedups).
     """

@@ -83,10 +83,7 @@ class LowRank(Pass):
 
     energy: float | None = None
     flops_ratio: float | None = None
-    measure: str | None = None  # a target: keep only the factorizations measured faster there
-    measure_tracker: str | None = None  # HOST:PORT of the tracker that device is reached through
-    measure_key: str | None = None
-    measure_db: str | None = None  # tuning records applied to the layers timed
+    timer: Any = None  # a LayerTimer (tune.layer_timing): keep only the factorizations measured faster
     name: ClassVar[str] = "lowrank"
 
     def __post_init__(self) -> None:
@@ -100,20 +97,8 @@ class LowRank(Pass):
     def run(self, model, ctx):
         from .lowrank import factorize
 
-        if self.measure is None:
-            return factorize(model, energy=self.energy, flops_ratio=self.flops_ratio, calib=ctx.calib)
-        from ..target import resolve
-        from ..tune.pool import device_pool
-        from .layer_timing import LayerTimer
-
-        device = resolve(self.measure)
-        with device_pool(device, tracker=self.measure_tracker, key=self.measure_key, log=ctx.progress.line) as pool:
-            timer = LayerTimer(device, pool, tuning_db=self.measure_db)
-            try:
-                return factorize(model, energy=self.energy, flops_ratio=self.flops_ratio, calib=ctx.calib,
-                                 timer=timer, progress=ctx.progress.line)
-            finally:
-                timer.close()
+        return factorize(model, energy=self.energy, flops_ratio=self.flops_ratio, calib=ctx.calib,
+                         timer=self.timer, progress=ctx.progress.line)
 
 
 @dataclass
@@ -261,10 +246,7 @@ class RewriteOptions:
     prune: float | None = None
     prune_flops: float | None = None
     criterion: str = "l1"
-    lowrank_measure: str | None = None
-    measure_tracker: str | None = None
-    measure_key: str | None = None
-    measure_db: str | None = None
+    lowrank_measure: str | None = None  # the CLI gives the LowRank pass a timer on this target
 
     def any(self) -> bool:
         return bool(self.quantize or self.lowrank or self.lowrank_flops or self.compact or self.prune
@@ -282,9 +264,7 @@ def passes_from_options(opts: RewriteOptions) -> list[Pass]:
             raise TvmedgeError("give --prune RATIO or --prune-flops RATIO, not both")
         passes.append(Prune(ratio=opts.prune, flops_ratio=opts.prune_flops, criterion=opts.criterion))
     if opts.lowrank or opts.lowrank_flops:
-        passes.append(LowRank(energy=opts.lowrank, flops_ratio=opts.lowrank_flops, measure=opts.lowrank_measure,
-                              measure_tracker=opts.measure_tracker, measure_key=opts.measure_key,
-                              measure_db=opts.measure_db))
+        passes.append(LowRank(energy=opts.lowrank, flops_ratio=opts.lowrank_flops))
     elif opts.lowrank_measure:
         raise TvmedgeError("--lowrank-measure chooses which factorizations to keep: give --lowrank or --lowrank-flops")
     if opts.compact:

@@ -7,8 +7,9 @@ answers it by measurement: each layer is compiled alone, with its input shape, a
 be in the model (tvmedge's default schedules, or the records of a tuning database for the
 workloads it holds), into an artifact that is run on the device through RPC (a local server
 for this host, qemu for an emulated board, the user's tracker for a real one) with the
-device's own timer. :func:`tvmedge.optimize.lowrank.factorize` keeps a factorization only
-where it measured faster, and reports predicted (FLOPs) against measured speedups.
+device's own timer. :func:`tvmedge.optimize.lowrank.factorize` (given a timer by the
+``--lowrank-measure`` flag) keeps a factorization only where it measured faster, and reports
+predicted (FLOPs) against measured speedups.
 """
 
 from __future__ import annotations
@@ -19,21 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.model import ImportedModel, TensorSpec
-
-
-def single_layer(call_of_x: Any, in_shape: list[int], out_shape: list[int], name: str) -> ImportedModel:
-    """An ImportedModel whose ``main(x)`` is one op (``call_of_x(x)`` builds it)."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(in_shape), "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(call_of_x(x))
-        bb.emit_func_output(out)
-    return ImportedModel(bb.get(), [TensorSpec("x", list(in_shape), "float32")],
-                         [TensorSpec("y", list(out_shape), "float32")], "relax", name, "")
+from ..core.model import ImportedModel
 
 
 class LayerTimer:
