@@ -6,7 +6,8 @@
 * a low-rank model keeps its factorized structure in the ONNX graph;
 * binarized layers are refused naming the layer, and nothing is written;
 * an ensemble (one main, vote) runs in both runtimes;
-* shapes-seg int8 (slow).
+* shapes-seg int8 (slow);
+* mobilenet_v2 as imported (Clip as call_tir PrimFuncs, written as Max/Min), float and int8 (slow).
 """
 
 from __future__ import annotations
@@ -132,3 +133,27 @@ def test_ensemble_export(tmp_path):
     v = verify(ens, rep["output"], data)
     for rt in ("onnxruntime", "openvino"):
         assert v[rt]["max_abs"] < 1e-5 and v[rt]["argmax_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_mobilenet_clip_prim_funcs_exported(tmp_path):
+    """mobilenet_v2's ONNX import holds Clip as call_tir PrimFuncs: they are exported as Max/Min,
+    float and int8, and both runtimes reproduce tvmedge's outputs."""
+    from tvmedge.core.model import random_inputs
+
+    model = load_model(zoo.export("mobilenet_v2", tmp_path / "m.onnx"))
+    assert "R.call_tir" in model.mod["main"].script(show_meta=False)
+    specs = [i.to_dict() for i in model.inputs]
+    data = data_mod.Dataset("random", [random_inputs(specs, seed=i) for i in range(4)])
+    rep = write_onnx(model, tmp_path / "f.onnx")
+    kinds = ops(rep["output"])
+    assert kinds.count("Max") == 35 and kinds.count("Min") == 35
+    v = verify(model, rep["output"], data, limit=2)
+    for rt in ("onnxruntime", "openvino"):
+        assert v[rt]["max_abs"] < 1e-4 * v[rt]["max_abs_output"], (rt, v[rt])
+    q = quantize(model, data, progress=False)[0]
+    rep = write_onnx(q, tmp_path / "q.onnx", "qdq")
+    assert len(rep["int8_layers"]) == 53  # 52 convs and the classifier
+    v = verify(q, rep["output"], data, limit=2)
+    for rt in ("onnxruntime", "openvino"):
+        assert v[rt]["max_abs"] <= int8_step(rep) and v[rt]["argmax_agreement"] == 1.0, (rt, v[rt])

@@ -20,8 +20,8 @@ weights as float32 and drops the activation quantization (a float model with int
 weights, for runtimes without int8).
 
 Anything with no ONNX equivalent is refused naming the binding: hand-written TIR kernels
-(``call_tir``: tvmedge's binarized XNOR/popcount layers, and some elementwise ops other
-importers emit), and operators this exporter does not map.
+(``call_tir``: tvmedge's binarized XNOR/popcount layers; the Clip PrimFuncs of the ONNX
+importer are written as Max/Min), and operators this exporter does not map.
 """
 
 from __future__ import annotations
@@ -230,7 +230,8 @@ class _Exporter:
         a = e.attrs
         args = e.args
         x = lambda i=0: self.value(args[i])  # noqa: E731
-        binary = {"relax.add": "Add", "relax.subtract": "Sub", "relax.multiply": "Mul", "relax.divide": "Div"}
+        binary = {"relax.add": "Add", "relax.subtract": "Sub", "relax.multiply": "Mul", "relax.divide": "Div",
+                  "relax.maximum": "Max", "relax.minimum": "Min"}
         unary = {"relax.nn.relu": "Relu", "relax.sigmoid": "Sigmoid", "relax.tanh": "Tanh", "relax.exp": "Exp",
                  "relax.sqrt": "Sqrt", "relax.negative": "Neg", "relax.abs": "Abs"}
         if op in binary:
@@ -357,8 +358,13 @@ class _Exporter:
 
 
 def to_onnx(model: ImportedModel, fmt: str = "qdq") -> tuple[Any, dict[str, Any]]:
-    """``model`` as an ``onnx.ModelProto`` and a report (int8 layers written as QDQ, node count)."""
-    return _Exporter(model, fmt).build()
+    """``model`` as an ``onnx.ModelProto`` and a report (int8 layers written as QDQ, node count).
+    The importer's Clip PrimFuncs are written as Max/Min (``lower.normalize.without_clip_prim_funcs``)."""
+    from dataclasses import replace
+
+    from ..lower.normalize import without_clip_prim_funcs
+
+    return _Exporter(replace(model, mod=without_clip_prim_funcs(model.mod)), fmt).build()
 
 
 def write_onnx(model: ImportedModel, path: str | os.PathLike, fmt: str = "qdq") -> dict[str, Any]:

@@ -115,6 +115,19 @@ class _Quantize(PyExprMutator):
         return relax.op.astype(y, out)
 
 
+def without_clip_prim_funcs(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with the ``call_tir`` PrimFuncs importers emit for Clip (ONNX Clip with tensor
+    bounds: ReLU6 in MobileNets, bounds computed by ``isnan``/``where`` of constants) spelled as
+    ``R.maximum``/``R.minimum``: constant folding settles the bounds, then :data:`NormalizeClip`
+    replaces each PrimFunc it proves equal to TOPI's op. For consumers that know Relax ops but
+    not TIR (the fine-tuning interpreter, the ONNX exporter); unchanged when ``main`` has no
+    ``call_tir``."""
+    if "R.call_tir" not in mod["main"].script(show_meta=False):
+        return mod
+    return tvm.transform.Sequential([relax.transform.FoldConstant(), NormalizeClip,
+                                     relax.transform.DeadCodeElimination(["main"])])(mod)
+
+
 @tvm.transform.module_pass(opt_level=0, name="tvmedge.NormalizeQuantize")
 def NormalizeQuantize(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Rewrite per-tensor ``R.quantize`` (float32 -> int8/uint8) into its elementwise ops."""

@@ -145,22 +145,12 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def differentiable(mod: Any) -> Any:
-    """``mod`` with the ``call_tir`` PrimFuncs importers emit for elementwise ops spelled as
-    Relax ops, which the interpreter maps to torch and differentiates. ONNX Clip imports as
-    ``call_tir`` to TOPI's maximum/minimum against 0-d bounds (``isnan``/``where`` of constants):
-    constant folding settles the bounds, then :data:`tvmedge.lower.normalize.NormalizeClip`
-    replaces each PrimFunc it proves equal to ``topi.maximum``/``minimum`` (by comparing the
-    TIR) with ``R.maximum``/``R.minimum``: the same computation, so the model is unchanged. A
-    ``call_tir`` it does not recognize stays (fine-tuning through it fails, naming it)."""
-    import tvm
-    from tvm import relax
+    """``mod`` with the ``call_tir`` PrimFuncs importers emit for Clip spelled as Relax ops, which
+    the interpreter maps to torch and differentiates (the same computation: the model is
+    unchanged). A ``call_tir`` it does not recognize stays (fine-tuning through it fails, naming it)."""
+    from ..lower.normalize import without_clip_prim_funcs
 
-    from ..lower.normalize import NormalizeClip
-
-    if "R.call_tir" not in mod["main"].script(show_meta=False):
-        return mod
-    return tvm.transform.Sequential([relax.transform.FoldConstant(), NormalizeClip,
-                                     relax.transform.DeadCodeElimination(["main"])])(mod)
+    return without_clip_prim_funcs(mod)
 
 
 class RelaxModule(nn.Module):
