@@ -176,6 +176,7 @@ def test_lowrank_latency_aware_on_a_local_server(digits):
         measured[n]["kept"] for n in ("conv2d_2", "conv2d_3"))
 
 
+@pytest.mark.slow
 def test_cli_lowrank_measure(digits, tmp_path):
     r = run_cli("optimize", str(digits["path"]), "-o", str(tmp_path / "x.relax"), "--lowrank-measure", "host",
                 "--quantize", "int8", "--calib", "digits", in_process=True)
@@ -272,6 +273,7 @@ def test_finetune_unknown_op_is_named():
     del tvm
 
 
+@pytest.mark.slow
 def test_call_tir_graph_factorized_on_responses(tmp_path):
     """mobilenet_v2's ONNX import writes Clip (ReLU6) as isnan/where + call_tir PrimFuncs: the
     interpreter runs those with TVM (batched, matching the compiled model), so response-fitted
