@@ -283,7 +283,8 @@ def test_channel_padding_takes_counts_vectors_do_not_fit():
     # MobileNetV3's 72/120); counts not even 4 lanes fit (low-rank's ranks) go to a multiple of 4
     # at least, whatever the growth, since scalar code is 4-16x slower.
     assert [padded_channels(c, 16) for c in (58, 116, 24, 40, 72, 120, 440, 20)] == [64, 128, None, None, None, None, None, None]
-    assert [padded_channels(c, 16) for c in (18, 17, 23, 35, 10, 5, 3)] == [24, 20, 24, 40, 12, 8, None]
+    assert [padded_channels(c, 16) for c in (18, 17, 23, 35, 10, 5, 3)] == [24, 20, 24, 40, 16, 8, None]
+    assert [padded_channels(c, 16) for c in (9, 11, 12, 15, 8)] == [16, 16, 16, 16, None]
     assert [padded_channels(c, 4) for c in (58, 18, 16, 12)] == [60, 20, None, None]
 
 

@@ -23,8 +23,11 @@ slower (the next conv's extra input channels cost more than whole vectors gain),
 RegNet's 440 -> 448 helped (regnet_y_400mf 0.94x -> 0.77x ORT; ShuffleNet's 232 -> 240 was
 within noise), padding such counts in MobileNetV3 (72, 120, 184, 200) changes LR-ASPP's
 kernels so that the shipped tuning records no longer match them (47 or 31 of 56 kernels
-instead of 56). Re-tuning the shipped databases would allow it. Counts below one vector
-are left alone.
+instead of 56). Re-tuning the shipped databases would allow it. Counts between half a vector
+and one (9-15 with 16 lanes: what pruning and low rank leave of a 16-channel layer) go to one
+whole vector: their tile was 4 lanes, a quarter of the machine; a 50%-pruned shapes-seg (11 and
+23 channels) ran 1.66 -> 1.28 ms with this and the Winograd restriction to input channels that
+4 divides (``lower.winograd``). Smaller counts are left alone.
 
 Matrix products with constant weights (``relax.matmul(x, W)``, W 2-D: classifier heads) get
 the same treatment on their columns, to a multiple of two vectors (:func:`padded_columns`):
@@ -60,13 +63,15 @@ _POOL = {"relax.nn.max_pool2d", "relax.nn.avg_pool2d"}
 def padded_channels(c: int, lanes: int) -> int | None:
     """The channel count to pad ``c`` to, or None to leave it.
 
-    Counts that whole or half vectors fit are left alone, as are those below one vector that
-    quarter vectors (4 lanes) fit. Others go to the next multiple of whole, half or quarter
+    Counts that whole or half vectors fit are left alone; counts above half a vector and below
+    one go to one vector; those below half a vector that quarter vectors (4 lanes) fit are left. Others go to the next multiple of whole, half or quarter
     vectors that grows them by at most :data:`MAX_GROWTH`. A count that not even 4 lanes fit
     (17, 18, 23: what low-rank factorization chooses) would run as scalar code, 4-16x slower
     than vectors: it is padded to a multiple of 4 whatever the growth."""
     if lanes <= 1 or c < 4 or c % lanes == 0:
         return None
+    if lanes // 2 < c < lanes:  # a whole vector rather than 4-lane tiles (see the module's docstring)
+        return lanes
     if c % 4 == 0 and (c < lanes or c % max(lanes // 2, 4) == 0):  # see the module's docstring
         return None
     for m in (lanes, lanes // 2, lanes // 4):

@@ -24,10 +24,10 @@ turns it off. RVV targets do not get it (``lower.pipeline``): TVM 0.27's RVV
 lowering fails on the transforms' vector selects (a scalable-vector lane mismatch).
 
 Which convs: 3x3, stride 1, dilation 1, groups 1, constant weights, at least
-:data:`MIN_CHANNELS` input and output channels, and output sides that m divides (m = 4,
-else 2) with at least :data:`MIN_TILES` tiles: with fewer tiles the transformed weights
-(alpha^2/9 = 4x the size for m = 4) are read for too little work (ResNet's 7x7 stage stays
-direct).
+:data:`MIN_CHANNELS` input and output channels, input channels that 4 divides (the input
+transform vectorizes over them), and output sides that m divides (m = 4, else 2) with at
+least :data:`MIN_TILES` tiles: with fewer tiles the transformed weights (alpha^2/9 = 4x the
+size for m = 4) are read for too little work (ResNet's 7x7 stage stays direct).
 """
 
 from __future__ import annotations
@@ -196,6 +196,8 @@ class _Winograd(PyExprMutator):
         k = w.shape[3]
         pt, pl, pb, pr = (int(p) for p in at.padding)
         if pt != pb or pl != pr or c < MIN_CHANNELS or k < MIN_CHANNELS:
+            return None
+        if c % 4:  # the input transform vectorizes over C: 34 channels ran 20x below 32 (a 1 ms transform)
             return None
         out_h, out_w = h + 2 * pt - 2, wd + 2 * pl - 2
         m = tile_size(out_h, out_w, n)
