@@ -158,12 +158,9 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 timer = None
                 if not args.no_lowrank_measure:
-                    from tvmedge.tune.layer_timing import LayerTimer
-                    from tvmedge.tune.pool import device_pool
+                    from tvmedge.tune.layer_timing import layer_timer
 
-                    pool = stack.enter_context(device_pool(device, log=lambda *a: None, threads=args.threads))
-                    timer = LayerTimer(device, pool)
-                    stack.callback(timer.close)
+                    timer = stack.enter_context(layer_timer(device, log=lambda *a: None, threads=args.threads))
                 variants = _variants(name, model, calib, tune_data, args, timer)
             for kind, v in variants.items():
                 if isinstance(v, str):

@@ -64,10 +64,11 @@ def padded_channels(c: int, lanes: int) -> int | None:
     """The channel count to pad ``c`` to, or None to leave it.
 
     Counts that whole or half vectors fit are left alone; counts above half a vector and below
-    one go to one vector; those below half a vector that quarter vectors (4 lanes) fit are left. Others go to the next multiple of whole, half or quarter
-    vectors that grows them by at most :data:`MAX_GROWTH`. A count that not even 4 lanes fit
-    (17, 18, 23: what low-rank factorization chooses) would run as scalar code, 4-16x slower
-    than vectors: it is padded to a multiple of 4 whatever the growth."""
+    one go to one vector; those below half a vector that quarter vectors (4 lanes) fit are
+    left. Others go to the next multiple of whole, half or quarter vectors that grows them by
+    at most :data:`MAX_GROWTH`. A count that not even 4 lanes fit (17, 18, 23: what low-rank
+    factorization chooses) would run as scalar code, 4-16x slower than vectors: it is padded to
+    a multiple of 4 whatever the growth."""
     if lanes <= 1 or c < 4 or c % lanes == 0:
         return None
     if lanes // 2 < c < lanes:  # a whole vector rather than 4-lane tiles (see the module's docstring)

@@ -476,8 +476,8 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
     plans = {var: p for var, p in plans.items() if p is not None}
     heads = {var: (int(p["weight"].shape[0]), 3 if p["layout"] == "NHWC" else 1) for var, p in plans.items()}
     found = epilogue.chains(mod["main"], heads) if os.environ.get(EPILOGUE_SWITCH, "1") != "0" else {}
-    fused_heads = {defs[var] for var in found}
     ends = {defs[e.end]: (plans[var], e) for var, e in found.items()}
+    unfused = {defs[var]: p for var, p in plans.items() if var not in found}  # call -> plan
 
     @relax.expr_functor.mutator
     class Mutator(relax.PyExprMutator):
@@ -485,10 +485,8 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
             op = op_name(call)
             if call in ends:
                 return self.conv(*ends[call])
-            if op == "relax.nn.conv2d" and call not in fused_heads:
-                plan = _conv_plan(call, defs)
-                if plan is not None:
-                    return self.conv(plan)
+            if call in unfused:
+                return self.conv(unfused[call])
             elif op == "relax.matmul":
                 new = self.matmul(call)
                 if new is not None:

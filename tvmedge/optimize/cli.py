@@ -100,27 +100,15 @@ def apply_rewrites(model: ImportedModel, args: argparse.Namespace, progress: boo
     ctx = PassContext(original=model, calib=calib, eval=evals, progress=Reporter(progress))
     with contextlib.ExitStack() as stack:
         if args.lowrank_measure:
-            timer = stack.enter_context(_layer_timer(args, ctx.progress))
+            from ..target import resolve
+            from ..tune.layer_timing import layer_timer
+
+            timer = stack.enter_context(layer_timer(resolve(args.lowrank_measure), args.measure_tracker,
+                                                    args.measure_key, args.measure_tuning_db, ctx.progress.line))
             for p in passes:
                 if isinstance(p, LowRank):
                     p.timer = timer
         return Pipeline(passes)(model, ctx)
-
-
-@contextlib.contextmanager
-def _layer_timer(args: argparse.Namespace, progress: Reporter):
-    """A LayerTimer on ``--lowrank-measure``'s device for the duration of the rewrites."""
-    from ..target import resolve
-    from ..tune.layer_timing import LayerTimer
-    from ..tune.pool import device_pool
-
-    device = resolve(args.lowrank_measure)
-    with device_pool(device, tracker=args.measure_tracker, key=args.measure_key, log=progress.line) as pool:
-        timer = LayerTimer(device, pool, tuning_db=args.measure_tuning_db)
-        try:
-            yield timer
-        finally:
-            timer.close()
 
 
 def print_report(report: dict[str, Any], out=None) -> None:

@@ -11,7 +11,8 @@ constants of the Relax graph.
 
 Graphs with an operation the interpreter does not know raise a :class:`TvmedgeError`
 naming it. ``call_tir`` PrimFuncs that importers write for elementwise ops (ONNX Clip, i.e.
-ReLU6 in MobileNets) are first mapped back to Relax ops (:func:`differentiable`), so fine-tuning
+ReLU6 in MobileNets) are first mapped back to Relax ops
+(:func:`tvmedge.lower.normalize.without_clip_prim_funcs`), so fine-tuning
 goes through them; an unknown one still fails, naming it.
 
 :class:`RelaxModule` is only for training: TVM's runtime computes no gradients. Every
@@ -142,15 +143,6 @@ OPS: dict[str, Callable[..., torch.Tensor]] = {
     "relax.image.resize2d": _resize2d,
     "relax.reshape": _reshape,
 }
-
-
-def differentiable(mod: Any) -> Any:
-    """``mod`` with the ``call_tir`` PrimFuncs importers emit for Clip spelled as Relax ops, which
-    the interpreter maps to torch and differentiates (the same computation: the model is
-    unchanged). A ``call_tir`` it does not recognize stays (fine-tuning through it fails, naming it)."""
-    from ..lower.normalize import without_clip_prim_funcs
-
-    return without_clip_prim_funcs(mod)
 
 
 class RelaxModule(nn.Module):
@@ -350,7 +342,9 @@ def finetune(original: ImportedModel, model: ImportedModel, steps: int, data: Da
         raise TvmedgeError(f"finetune: input dtype {model.inputs[0].dtype} (only float32)")
     t0 = time.time()
     torch.manual_seed(seed)
-    model = replace(model, mod=differentiable(model.mod))
+    from ..lower.normalize import without_clip_prim_funcs
+
+    model = replace(model, mod=without_clip_prim_funcs(model.mod))  # trains through ONNX Clip's PrimFuncs
     teacher = RelaxModule(original.mod, trainable=False).eval()
     student = RelaxModule(model.mod, trainable=True).train()
     x_all = torch.from_numpy(np.concatenate([s[name] for s in data.samples]).astype(np.float32))

@@ -14,9 +14,10 @@ predicted (FLOPs) against measured speedups.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -65,3 +66,18 @@ class LayerTimer:
         import shutil
 
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def layer_timer(device: Any, tracker: str | None = None, key: str | None = None, tuning_db: str | None = None,
+                log: Callable[[str], Any] = print, threads: int | None = None) -> Iterator[LayerTimer]:
+    """A :class:`LayerTimer` on ``device`` (its devices found or started by
+    :func:`~tvmedge.tune.pool.device_pool`) for the duration of a ``with`` block."""
+    from .pool import device_pool
+
+    with device_pool(device, tracker=tracker, key=key, log=log, threads=threads) as pool:
+        timer = LayerTimer(device, pool, tuning_db=tuning_db)
+        try:
+            yield timer
+        finally:
+            timer.close()
