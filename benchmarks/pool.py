@@ -64,17 +64,49 @@ def client_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def solo(artifact: str, frames: int) -> None:
+    """One local process running the artifact on one thread, no RPC (``--solo``): prints its FPS."""
+    os.environ["TVM_NUM_THREADS"] = "1"
+    from tvmedge.core.artifact import read_artifact
+    from tvmedge.run import load_model_vm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lib, meta = read_artifact(artifact, tmp)
+        vm = load_model_vm(lib, meta, threads=1).vm
+        spec = meta["inputs"][0]
+        x = {spec["name"]: np.random.default_rng(0).random(spec["shape"], dtype="float32")}
+        for _ in range(20):
+            vm(x)
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            vm(x)
+        print(frames / (time.perf_counter() - t0))
+
+
+def bound(artifact: Path, n: int, frames: int, workdir: Path) -> float:
+    """The compute bound of ``n`` servers here: ``n`` pinned one-thread processes running the
+    model at once, without RPC or a client (sum of their FPS)."""
+    import subprocess
+
+    cores = os.cpu_count() or 1
+    procs = [subprocess.Popen([pinned_python(workdir, i % cores), __file__, "--solo", str(artifact),
+                               "--frames", str(frames)], stdout=subprocess.PIPE, text=True) for i in range(n)]
+    return sum(float(p.communicate()[0].split()[-1]) for p in procs)
+
+
 def measure(artifact: Path, tracker, key: str, n_servers: int, frames: list, inflight: int, strategy: str,
-            workdir: Path) -> dict:
+            workdir: Path, shm: bool = True) -> dict:
     from tvmedge.deploy.launch import start_server
     from tvmedge.deploy.pool import open_pool
 
     cores = os.cpu_count() or 1
     servers = []
+    os.environ["TVMEDGE_RPC_SHM"] = "1" if shm else "0"
     try:
         for i in range(n_servers):
             servers.append(start_server(tracker.addr, key, env={"TVM_NUM_THREADS": "1"},
-                                        python=pinned_python(workdir, i % cores), timeout=180))
+                                        python=pinned_python(workdir, i % cores), timeout=180,
+                                        device_info={"kind": "hardware"}))
         with open_pool(artifact, tracker.addr, [key], inflight=inflight, strategy=strategy, threads=1) as pool:
             for _ in pool.map(frames[:8]):  # warm up each device's session
                 pass
@@ -90,6 +122,7 @@ def measure(artifact: Path, tracker, key: str, n_servers: int, frames: list, inf
             st["client_cpu_ms_per_frame"] = 1e3 * (client_cpu_s() - cpu0[1]) / len(frames)
             return st
     finally:
+        os.environ.pop("TVMEDGE_RPC_SHM", None)
         for s in servers:
             s.stop()
 
@@ -101,8 +134,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration (median kept)")
     ap.add_argument("--inflight", type=int, default=2)
     ap.add_argument("--strategy", default="least-loaded")
+    ap.add_argument("--no-plain-rpc", action="store_true",
+                    help="skip the rows that move frames through TVM's RPC stream instead of shared memory")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pool.json"))
+    ap.add_argument("--solo", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.solo:
+        solo(args.solo, args.frames)
+        return 0
     if shutil.which("taskset") is None:
         print("taskset not found (util-linux)", file=sys.stderr)
         return 1
@@ -123,45 +162,60 @@ def main() -> int:
 
         x, _ = dataset("eval", 64)
         frames = [{"input": x[i % len(x)][None]} for i in range(args.frames)]
-        runs: dict[int, list[dict]] = {n: [] for n in counts}
+        configs = [(n, True) for n in counts] + ([] if args.no_plain_rpc else [(n, False) for n in counts])
+        runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+        bounds: dict[int, list[float]] = {n: [] for n in counts}
         with start_tracker(port=0, timeout=120) as tracker:
             for r in range(args.rounds):
+                for n, shm in configs:
+                    key = f"bench-pool-{os.getpid()}-{r}-{n}-{int(shm)}"
+                    st = measure(art, tracker, key, n, frames, args.inflight, args.strategy, workdir, shm)
+                    runs[(n, shm)].append(st)
+                    print(f"round {r + 1}: {n} server(s), {'shared memory' if shm else 'RPC stream'}: "
+                          f"{st['fps']:.1f} FPS", flush=True)
                 for n in counts:
-                    key = f"bench-pool-{os.getpid()}-{r}-{n}"
-                    st = measure(art, tracker, key, n, frames, args.inflight, args.strategy, workdir)
-                    runs[n].append(st)
-                    print(f"round {r + 1}: {n} server(s): {st['fps']:.1f} FPS", flush=True)
+                    bounds[n].append(bound(art, n, args.frames, workdir))
+                    print(f"round {r + 1}: {n} local process(es) without RPC: {bounds[n][-1]:.1f} FPS", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     rows = []
-    for n in counts:
-        best = sorted(runs[n], key=lambda s: s["fps"])[len(runs[n]) // 2]  # the median round
-        rows.append({"servers": n, "fps": best["fps"], "fps_rounds": [s["fps"] for s in runs[n]],
+    for n, shm in configs:
+        best = sorted(runs[(n, shm)], key=lambda s: s["fps"])[len(runs[(n, shm)]) // 2]  # the median round
+        rows.append({"servers": n, "payload": "shared memory" if shm else "RPC stream",
+                     "fps": best["fps"], "fps_rounds": [s["fps"] for s in runs[(n, shm)]],
                      "shares": [round(d["share"], 3) for d in best["devices"]],
                      "mean_ms_per_frame": [d["mean_ms"] for d in best["devices"]],
                      "server_cpu_ms_per_frame": best["server_cpu_ms_per_frame"],
                      "client_cpu_ms_per_frame": best["client_cpu_ms_per_frame"]})
-    base = rows[0]["fps"]
+    bound_rows = [{"processes": n, "fps": float(np.median(bounds[n])), "fps_rounds": bounds[n]} for n in counts]
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     print(f"\nshapes-seg (1x3x64x64) over a pool of local RPC servers, 1 thread each, pinned with taskset; "
           f"{args.frames} frames, {args.inflight} in flight per server, {args.strategy}; {cores} cores, "
           f"load average {load:.1f} at the end (other work shares this machine)")
-    print(f"{'servers':>8} {'FPS (median)':>13} {'rounds':>24} {'speed-up':>9} {'server CPU ms/frame':>20} "
-          f"{'client CPU ms/frame':>20}  shares")
+    print(f"{'servers':>8} {'payload':>14} {'FPS (median)':>13} {'rounds':>24} {'speed-up':>9} "
+          f"{'server CPU ms/frame':>20} {'client CPU ms/frame':>20}  shares")
     for row in rows:
-        row["speedup_vs_first"] = row["fps"] / base
+        first = next(r for r in rows if r["payload"] == row["payload"])
+        row["speedup_vs_first"] = row["fps"] / first["fps"]
         note = "  (more servers than cores)" if row["servers"] > cores else ""
-        print(f"{row['servers']:>8} {row['fps']:>13.1f} {', '.join(f'{v:.0f}' for v in row['fps_rounds']):>24} "
+        print(f"{row['servers']:>8} {row['payload']:>14} {row['fps']:>13.1f} "
+              f"{', '.join(f'{v:.0f}' for v in row['fps_rounds']):>24} "
               f"{row['speedup_vs_first']:>8.2f}x {row['server_cpu_ms_per_frame']:>20.2f} "
               f"{row['client_cpu_ms_per_frame']:>20.2f}  {row['shares']}{note}")
+    print("\nthe compute bound: the same model in N pinned one-thread processes at once, no RPC, no client")
+    for b in bound_rows:
+        b["speedup_vs_first"] = b["fps"] / bound_rows[0]["fps"]
+        print(f"{b['processes']:>8} process(es) {b['fps']:>10.1f} FPS  ({', '.join(f'{v:.0f}' for v in b['fps_rounds'])})"
+              f"  {b['speedup_vs_first']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "pool", "model": "shapes-seg", "frames": args.frames,
                                "inflight": args.inflight, "strategy": args.strategy, "cores": cores,
                                "cpu": platform.processor() or platform.machine(), "load_average_end": load,
-                               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}, indent=2))
+                               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
+                               "compute_bound": bound_rows}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -98,6 +98,7 @@ CONVS = [
     ((1, 8, 9, 9), 16, 5, 1, (2, 2, 2, 2)),
     ((1, 32, 5, 5), 64, 1, 2, (0, 0, 0, 0)),     # 1x1 stride 2 (ResNet downsample)
     ((1, 32, 16, 16), 64, 3, 1, (1, 1, 1, 1)),   # big enough to run in parallel
+    ((1, 24, 6, 16), 144, 1, 1, (0, 0, 0, 0)),   # 9 channel blocks: 3 per register tile
 ]
 
 

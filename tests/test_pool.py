@@ -37,8 +37,12 @@ def reference(shapes_seg_tar, frames):
 @pytest.fixture(scope="module")
 def servers(tracker):
     """Two real servers, one under each of two keys (a mixed pool). The tests below run in
-    file order and use them up: the last two kill them."""
-    started = [start_server(tracker.addr, k, env={"TVM_NUM_THREADS": "1"}, timeout=240) for k in (KEY_A, KEY_B)]
+    file order and use them up: the last two kill them. The first was started as tvmedge
+    starts servers (frames then travel through shared memory, ``deploy.shm``), the second is
+    a plain ``tvm.exec.rpc_server`` (frames through TVM's RPC stream): both paths run."""
+    started = [start_server(tracker.addr, KEY_A, env={"TVM_NUM_THREADS": "1"}, timeout=240,
+                            device_info={"kind": "hardware"}),
+               start_server(tracker.addr, KEY_B, env={"TVM_NUM_THREADS": "1"}, timeout=240)]
     yield started
     for s in started:
         s.stop()
@@ -55,6 +59,7 @@ def test_run_pool_cli_mixed_keys(tracker, servers, shapes_seg_tar, tmp_path):
     assert all(d["device"]["kind"] == "hardware" and d["device"]["via"] == "rpc" for d in st["devices"])
     assert st["frames"] == 30 and st["outputs_identical"] and st["strategy"] == "throughput"
     assert {d["key"] for d in st["devices"]} == {KEY_A, KEY_B}
+    assert {d["key"]: d["payload"] for d in st["devices"]} == {KEY_A: "shared memory", KEY_B: "rpc"}
     assert abs(sum(d["share"] for d in st["devices"]) - 1.0) < 1e-9
     assert np.load(tmp_path / "o.npz")["segmap"].shape == (1, 4, 64, 64)
     text = run_cli("run", str(shapes_seg_tar), "--rpc-tracker", tracker.address, "--pool", f"{KEY_A},{KEY_B}",

@@ -242,3 +242,34 @@ def test_two_artifacts_in_one_session_each_run_their_own_code(tracker, servers, 
     np.testing.assert_array_equal(neg.outputs[0], -x)
     del session
     gc.collect()
+
+
+def test_shared_memory_link_gives_the_rpc_streams_results(shapes_seg_tar, tmp_path):
+    """A server tvmedge started on this machine gets frames through shared memory
+    (``deploy.shm``): the same outputs, bit for bit, as through TVM's RPC stream; a plain
+    ``tvm.exec.rpc_server`` gets no link; the link's file goes away when it is closed."""
+    from tvmedge.core.artifact import read_artifact
+    from tvmedge.deploy.shm import SharedMemoryLink
+    from tvmedge.run import load_model_vm
+
+    lib, meta = read_artifact(shapes_seg_tar, tmp_path)
+    x = {"input": np.random.default_rng(0).random((1, 3, 64, 64), dtype="float32")}
+    with start_server(None, "shm", env={"TVM_NUM_THREADS": "1"}, device_info={"kind": "hardware"}) as ours, \
+            start_server(None, "plain", env={"TVM_NUM_THREADS": "1"}) as plain:
+        sess = connect(host_port=ours.addr, key="shm")
+        loaded = load_model_vm(lib, meta, session=sess, threads=1)
+        link = loaded.vm.link
+        assert link is not None and link.path.exists()
+        fast = [loaded.vm(x)[0] for _ in range(3)]  # the device inputs are reused call after call
+        x2 = {"input": x["input"][:, :, ::-1].copy()}
+        fast2 = loaded.vm(x2)[0]
+        loaded.vm.link = None
+        slow, slow2 = loaded.vm(x)[0], loaded.vm(x2)[0]
+        assert fast[0].shape == (1, 4, 64, 64) and fast[0].dtype == np.float32
+        for f in fast:
+            np.testing.assert_array_equal(f, slow)
+        np.testing.assert_array_equal(fast2, slow2)
+        assert not np.array_equal(slow, slow2)
+        link.close()
+        assert not link.path.exists()
+        assert SharedMemoryLink.open(connect(host_port=plain.addr, key="plain")) is None

@@ -185,7 +185,12 @@ def load_model_vm(lib_path: str | os.PathLike, meta: dict[str, Any], session=Non
         threads = (os.cpu_count() or 1) if session is None else (cores or 0)
     if threads:
         config(1, int(threads))
-    vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]])
+    link = None
+    if session is not None and kind != "cuda" and os.environ.get("TVMEDGE_RPC_SHM", "1") != "0":
+        from .deploy.shm import SharedMemoryLink
+
+        link = SharedMemoryLink.open(session)
+    vm = ModelVM(lib, dev, [s["name"] for s in meta["inputs"]], link=link)
     return LoadedModel(vm=vm, where=where, threads=int(num_threads()), info=info)
 
 

@@ -20,15 +20,19 @@ def _flatten(result: Any) -> list[Any]:
 
 class ModelVM:
     """A Relax VM over ``executable`` (a built executable or a loaded library) on ``dev``;
-    ``input_names`` give the order of ``main``'s parameters."""
+    ``input_names`` give the order of ``main``'s parameters. ``link``: what moves input and
+    output data to and from a remote device instead of the RPC stream (an object with
+    ``put(tensor, array)`` and ``get(tensor)``, e.g. :class:`tvmedge.deploy.shm.SharedMemoryLink`)."""
 
-    def __init__(self, executable: Any, dev: Any, input_names: Sequence[str]) -> None:
+    def __init__(self, executable: Any, dev: Any, input_names: Sequence[str], link: Any = None) -> None:
         from tvm import relax
 
         self.dev = dev
         self.input_names = list(input_names)
         self.vm = relax.VirtualMachine(executable, dev)
+        self.link = link
         self._main = None  # looked up once: over RPC each lookup is a round trip
+        self._args: list[Any] = []  # the link's device inputs, reused call after call
 
     def tensors(self, inputs: dict[str, np.ndarray]) -> list[Any]:
         """The inputs on the device, in ``main``'s order."""
@@ -39,7 +43,14 @@ class ModelVM:
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._main is None:
             self._main = self.vm["main"]
-        return [o.numpy() for o in _flatten(self._main(*self.tensors(inputs)))]
+        if self.link is None:
+            return [o.numpy() for o in _flatten(self._main(*self.tensors(inputs)))]
+        import tvm
+
+        arrays = [np.asarray(inputs[n]) for n in self.input_names]
+        if [(tuple(a.shape), str(a.dtype)) for a in arrays] != [(tuple(t.shape), str(t.dtype)) for t in self._args]:
+            self._args = [tvm.runtime.empty(a.shape, str(a.dtype), self.dev) for a in arrays]
+        return self.link.call(self.vm.module, "main", self._args, arrays)
 
     def time_ms(self, inputs: dict[str, np.ndarray], repeat: int, warmup: int = 2) -> list[float]:
         """Latency of each of ``repeat`` runs, timed by the device's own clock."""

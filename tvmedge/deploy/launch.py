@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..core.errors import TvmedgeError
 from .address import HostPort, as_host_port, connect_host, ephemeral_port, format_host_port, os_reason, port_free
 from .procfs import group_pids
+from .shm import SERVER_CODE as SHM_SERVER_CODE
 from .tracker import server_registered, tracker_summary, tracker_up
 
 DEFAULT_TRACKER_PORTS = range(9190, 9200)  # TVM's default tracker range
@@ -254,6 +255,8 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, *, timeout: 
 # (PopenWorker) whose sessions are forked from it; its ``server_init_callback`` runs in that
 # worker, so it registers there a global function the sessions answer remote calls with.
 # This runs under the board's own Python (runtime-only TVM): standard library and tvm only.
+# It also registers the shared-memory payload functions (``deploy.shm``) for clients on
+# the same machine.
 DEVICE_INFO_FUNC = "tvmedge.device_info"
 _BOOT = (
     "import functools, json, platform, runpy, sys\n"
@@ -261,6 +264,7 @@ _BOOT = (
     "def register(text=json.dumps(info)):\n"
     "    import tvm_ffi\n"
     f"    tvm_ffi.register_global_func({DEVICE_INFO_FUNC!r}, lambda: text, override=True)\n"
+    f"    exec({SHM_SERVER_CODE!r}, {{}})\n"
     "import tvm.rpc\n"
     "tvm.rpc.Server = functools.partial(tvm.rpc.Server, server_init_callback=register)\n"
     "mod = sys.argv[2]; sys.argv = [mod] + sys.argv[3:]\n"

@@ -12,7 +12,9 @@ of inputs over those devices and hands the outputs back **in input order**:
   worker thread that runs its queue over its own session, so a device never waits for
   the dispatcher, decoding or the consumer. A TVM RPC server serves one session and one
   call at a time: the frames in flight on a device are queued on its connection, not run
-  in parallel on it;
+  in parallel on it. A server on this machine that tvmedge started gets each frame in one
+  call through shared memory (:mod:`.shm`: TVM's RPC stream moves payloads a byte at a
+  time), others through the RPC stream; each device's summary says which (``payload``);
 * a device whose call fails (server killed, connection lost, device error) is dropped
   from the pool and every frame it held is sent again to the others; a result is
   recorded once per frame, so no frame is lost or duplicated. When no device is left,
@@ -82,7 +84,11 @@ class PoolDevice:
         return {"name": self.name, "key": self.key, "device": self.block, "frames": self.frames,
                 "share": self.frames / total if total else 0.0,
                 "mean_ms": 1e3 * self.busy_s / self.frames if self.frames else None,
-                "alive": self.alive, "error": self.error, "resent_frames": self.lost_frames}
+                "alive": self.alive, "error": self.error, "resent_frames": self.lost_frames,
+                # how frames travel: "local", "shared memory" (a server on this machine that
+                # tvmedge started: deploy.shm) or "rpc" (TVM's RPC stream)
+                "payload": ("local" if self.session is None
+                            else "shared memory" if self.loaded.vm.link is not None else "rpc")}
 
 
 class FramePool:
