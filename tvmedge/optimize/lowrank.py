@@ -455,8 +455,8 @@ def _measure(survey: dict[str, _Layer], plan: dict[str, tuple[int, int]], timer:
         predicted = lay.before / max(lay.flops(*ranks), 1)
         measured = round(dense_ms / factored_ms, 3) if factored_ms > 0 else 0.0  # decided on what is reported
         faster = measured >= MIN_MEASURED_SPEEDUP
-        report["measured"].append({"layer": name, "ranks": list(ranks), "dense_ms": round(dense_ms, 4),
-                                   "factored_ms": round(factored_ms, 4), "predicted_speedup": round(predicted, 3),
+        report["measured"].append({"layer": name, "ranks": list(ranks), "dense_ms": float(f"{dense_ms:.4g}"),
+                                   "factored_ms": float(f"{factored_ms:.4g}"), "predicted_speedup": round(predicted, 3),
                                    "measured_speedup": measured, "kept": faster})
         if faster:
             kept[name] = ranks

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import TvmedgeError
@@ -20,8 +18,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from ..frontend import load_model, parse_shapes
     from ..target import resolve
-    from .database import SLOWER_MARGIN, TuningDatabase, model_key
-    from .pool import device_pool, measure_model
+    from .pool import compare_end_to_end, device_pool
     from .tuner import TuneOptions, tune_model
 
     if args.tracker_port is not None and args.rpc_tracker:
@@ -41,20 +38,10 @@ def run_tune(args: argparse.Namespace) -> int:
         report = tune_model(model, device, args.tuning_db, TuneOptions(args.trials, resume=args.resume), pool,
                             progress=not args.json, warn=lambda line: print(f"warning: {line}", file=sys.stderr))
         if not args.no_compare:
-            with tempfile.TemporaryDirectory(prefix="tvmedge-tune-") as tmp:
-                tuned = measure_model(model, device, pool, args.tuning_db, args.repeat, Path(tmp), "tuned")
-                untuned = measure_model(model, device, pool, None, max(3, args.repeat // 4), Path(tmp), "untuned")
-                if tuned["latency_ms"]["median"] > SLOWER_MARGIN * untuned["latency_ms"]["median"]:
-                    # Each kernel's record is at least as fast as its default schedule when
-                    # measured alone; end to end that need not hold (noisy or emulated
-                    # devices). Measure both again, alternating, before deciding.
-                    tuned, untuned = _ab(tuned, untuned, pool, args.repeat)
+            cmp = compare_end_to_end(model, device, pool, args.tuning_db, args.repeat, report["emulated"])
+            tuned, untuned = cmp["tuned"], cmp["untuned"]
             report["latency_ms"] = {"tuned": tuned["latency_ms"], "untuned": untuned["latency_ms"]}
-            # compile follows this verdict: a model slower with its records gets the defaults.
-            with TuningDatabase(args.tuning_db, write=True) as db:
-                report["end_to_end"] = db.record_end_to_end(
-                    model_key(model), device.name, tuned["latency_ms"]["median"], untuned["latency_ms"]["median"],
-                    report["emulated"])
+            report["end_to_end"] = cmp["end_to_end"]
             report["tuned_slower_than_default"] = report["end_to_end"]["faster"] == "default"
             report["onnxruntime_ms"] = _onnxruntime_here(args.model, model, device, tuned["outputs"], report)
         report["device"] = device_block(device.name, device.target_json, pool.kind, via="rpc", key=pool.key,
@@ -110,20 +97,6 @@ def to_schema(report: dict[str, Any]) -> dict[str, Any]:
             "onnxruntime": None if not ort else {"latency_ms": latency_block(ort),
                                                   "device": device_block("host", "host", via="local")}}
     return envelope("tune", out)
-
-
-def _ab(tuned: dict[str, Any], untuned: dict[str, Any], pool, repeat: int, rounds: int = 3):
-    """Both artifacts timed again in alternation (a device's speed drifts: one long run
-    each can favour either); each keeps all its latencies, and its median is recomputed."""
-    from ..run import latency_summary
-    from .pool import time_artifact
-
-    runs = {"tuned": list(tuned["latencies_ms"]), "untuned": list(untuned["latencies_ms"])}
-    for _ in range(rounds):
-        for label, art in (("tuned", tuned["artifact"]), ("untuned", untuned["artifact"])):
-            runs[label] += time_artifact(art, pool, max(3, repeat // 2))["latencies_ms"]
-    return tuple({**first, "latencies_ms": runs[label], "latency_ms": latency_summary(runs[label])}
-                 for label, first in (("tuned", tuned), ("untuned", untuned)))
 
 
 def _onnxruntime_here(model_path: str, model, device, outputs, report) -> dict[str, float] | None:

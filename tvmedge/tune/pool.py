@@ -149,6 +149,41 @@ def measure_model(model: Any, device: Any, pool: DevicePool, db_dir: str | os.Pa
     return time_artifact(art, pool, repeat)
 
 
+def compare_end_to_end(model: Any, device: Any, pool: DevicePool, db_dir: str | os.PathLike, repeat: int,
+                       emulated: bool) -> dict[str, Any]:
+    """Time ``model`` built with ``db_dir``'s records and with the default schedules on the
+    pool's device, and record in the database which was faster: ``compile`` follows that
+    verdict (a model slower with its records gets the defaults). Returns ``{"tuned", "untuned"}``
+    (:func:`measure_model`'s results) and the recorded ``"end_to_end"`` verdict."""
+    from .database import SLOWER_MARGIN, TuningDatabase, model_key
+
+    with tempfile.TemporaryDirectory(prefix="tvmedge-tune-") as tmp:
+        tuned = measure_model(model, device, pool, db_dir, repeat, Path(tmp), "tuned")
+        untuned = measure_model(model, device, pool, None, max(3, repeat // 4), Path(tmp), "untuned")
+        if tuned["latency_ms"]["median"] > SLOWER_MARGIN * untuned["latency_ms"]["median"]:
+            # Each kernel's record is at least as fast as its default schedule when measured
+            # alone; end to end that need not hold (noisy or emulated devices). Measure both
+            # again, alternating, before deciding.
+            tuned, untuned = _ab(tuned, untuned, pool, repeat)
+    with TuningDatabase(db_dir, write=True) as db:
+        verdict = db.record_end_to_end(model_key(model), device.name, tuned["latency_ms"]["median"],
+                                       untuned["latency_ms"]["median"], emulated)
+    return {"tuned": tuned, "untuned": untuned, "end_to_end": verdict}
+
+
+def _ab(tuned: dict[str, Any], untuned: dict[str, Any], pool: DevicePool, repeat: int, rounds: int = 3):
+    """Both artifacts timed again in alternation (a device's speed drifts: one long run
+    each can favour either); each keeps all its latencies, and its median is recomputed."""
+    from ..run import latency_summary
+
+    runs = {"tuned": list(tuned["latencies_ms"]), "untuned": list(untuned["latencies_ms"])}
+    for _ in range(rounds):
+        for label, art in (("tuned", tuned["artifact"]), ("untuned", untuned["artifact"])):
+            runs[label] += time_artifact(art, pool, max(3, repeat // 2))["latencies_ms"]
+    return tuple({**first, "latencies_ms": runs[label], "latency_ms": latency_summary(runs[label])}
+                 for label, first in (("tuned", tuned), ("untuned", untuned)))
+
+
 def time_artifact(art: str | os.PathLike, pool: DevicePool, repeat: int) -> dict[str, Any]:
     """Time a compiled artifact on one of the pool's devices."""
     from ..run import run_artifact
