@@ -93,6 +93,25 @@ def test_rules_follow_the_target_vector_width():
     assert cpu_rules.num_cores(Target({**x86, "mcpu": "haswell", "num-cores": 6})) == 6
 
 
+def test_avx512_targets_build_full_width_vectors():
+    """x86 targets with AVX-512 get ``-prefer-256-bit`` (LLVM otherwise splits some of the
+    kernels' 16-lane vectors in two: int8 requantize epilogues ran on ymm registers); others,
+    and targets that say how to prefer, are left alone."""
+    import json
+
+    from tvmedge.target import resolve
+
+    def mattr(spec: dict) -> list[str]:
+        return [str(a) for a in (resolve(json.dumps(spec)).target.attrs.get("mattr") or [])]
+
+    x86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    assert mattr({**x86, "mcpu": "icelake-server"}) == ["-prefer-256-bit"]
+    assert mattr({**x86, "mcpu": "znver4"}) == ["-prefer-256-bit"]
+    assert mattr({**x86, "mcpu": "haswell"}) == []
+    assert mattr({**x86, "mcpu": "icelake-server", "mattr": ["+prefer-256-bit"]}) == ["+prefer-256-bit"]
+    assert mattr({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}) == []
+
+
 def test_vector_factor_takes_whole_vectors_or_one_partial():
     f = cpu_rules._vector_factor
     assert f(128, 16) == 32 and f(48, 16) == 16 and f(24, 16) == 8 and f(12, 16) == 4
