@@ -3,9 +3,10 @@
 Each variant is compiled for the host, tuned with the same MetaSchedule budget
 (``--trials``, through a local tracker and RPC server as ``tvmedge tune`` does; 0 = untuned),
 then, as ``tvmedge tune`` + ``compile`` do, built with its records only where they measured
-faster end to end than the default schedules (``tuned_faster`` in the JSON), and timed with the TVM runtime (``--threads``, default all cores). Reported: median latency,
-speed-up over fp32, model size (.relax file), and the task metric where the model is trained
-(shapes-seg mIoU on its held-out split; digits-cnn accuracy), else the output error vs fp32.
+faster end to end than the default schedules (``tuned_faster`` in the JSON), and timed with
+the TVM runtime (``--threads``, default all cores). Reported: median latency, speed-up over
+fp32, model size (.relax file), and the task metric where the model is trained (shapes-seg
+mIoU on its held-out split; digits-cnn accuracy), else the output error vs fp32.
 ONNX Runtime fp32 runs the original ONNX model on the same input and threads: each variant's
 ratio to it is reported too (a weakly tuned fp32 baseline flatters every compressed variant),
 and ONNX Runtime's own int8 (``quantize_static``, QDQ, same calibration inputs) is a row of

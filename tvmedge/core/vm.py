@@ -20,9 +20,10 @@ def _flatten(result: Any) -> list[Any]:
 
 class ModelVM:
     """A Relax VM over ``executable`` (a built executable or a loaded library) on ``dev``;
-    ``input_names`` give the order of ``main``'s parameters. ``link``: what moves input and
-    output data to and from a remote device instead of the RPC stream (an object with
-    ``put(tensor, array)`` and ``get(tensor)``, e.g. :class:`tvmedge.deploy.shm.SharedMemoryLink`)."""
+    ``input_names`` give the order of ``main``'s parameters. ``link``: what runs ``main`` on a
+    remote device with the input and output data moved outside the RPC stream (an object with
+    ``call(module, name, tensors, arrays) -> outputs``, e.g.
+    :class:`tvmedge.deploy.shm.SharedMemoryLink`)."""
 
     def __init__(self, executable: Any, dev: Any, input_names: Sequence[str], link: Any = None) -> None:
         from tvm import relax

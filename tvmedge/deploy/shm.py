@@ -97,7 +97,6 @@ class SharedMemoryLink:
     tensor at a time (a session runs one call at a time)."""
 
     def __init__(self, session: Any, path: Path) -> None:
-        self.session = session
         self.path = path
         self._mm: mmap.mmap | None = None
         self._in = session.get_function(IN_FUNC)
@@ -148,44 +147,47 @@ class SharedMemoryLink:
                 self._mm = mmap.mmap(f.fileno(), size)
         return self._mm
 
+    def _write(self, arrays: list[np.ndarray]) -> None:
+        """``arrays``' bytes one after the other from the file's start."""
+        view = np.frombuffer(self._buffer(sum(a.nbytes for a in arrays)), dtype=np.uint8)
+        off = 0
+        for a in arrays:
+            view[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            off += a.nbytes
+
+    def _read(self, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0) -> np.ndarray:
+        """A copy of the array of ``shape`` and ``dtype`` at byte ``offset`` of the file."""
+        count = int(np.prod(shape, dtype=np.int64))
+        buf = self._buffer(offset + count * dtype.itemsize)
+        return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+
     def put(self, tensor: Any, array: np.ndarray) -> None:
         """Copy ``array`` into the remote ``tensor`` (same shape and dtype)."""
         array = np.ascontiguousarray(array, dtype=tensor.dtype)
-        buf = self._buffer(array.nbytes)
-        np.frombuffer(buf, dtype=np.uint8, count=array.nbytes)[:] = array.reshape(-1).view(np.uint8)
+        self._write([array])
         self._in(tensor, str(self.path), array.nbytes)
 
     def get(self, tensor: Any) -> np.ndarray:
         """The remote ``tensor``'s data."""
-        shape = tuple(int(d) for d in tensor.shape)
-        dtype = np.dtype(str(tensor.dtype))
+        shape, dtype = tuple(int(d) for d in tensor.shape), np.dtype(str(tensor.dtype))
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        buf = self._buffer(nbytes)
+        self._buffer(nbytes)
         self._out(tensor, str(self.path), nbytes)
-        return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(shape).copy()
+        return self._read(shape, dtype)
 
     def call(self, module: Any, name: str, tensors: list[Any], arrays: list[np.ndarray]) -> list[np.ndarray]:
         """``module[name](*tensors)`` on the device with ``arrays`` as the tensors' data, in one
         round trip: the outputs' data, in order. (``module``: a remote module, e.g. a Relax
         VM's; TVM's RPC cannot pass a remote function as an argument.)"""
-        arrays = [np.ascontiguousarray(a, dtype=str(t.dtype)) for t, a in zip(tensors, arrays)]
-        total = sum(a.nbytes for a in arrays)
-        view = np.frombuffer(self._buffer(total), dtype=np.uint8)
-        off = 0
-        for a in arrays:
-            view[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
-            off += a.nbytes
-        del view
+        self._write([np.asarray(a, dtype=str(t.dtype)) for t, a in zip(tensors, arrays)])
         desc = str(self._call(module, name, str(self.path), *tensors))
         outs, off = [], 0
         for item in desc.split(";") if desc else []:
             dims, dtype = item.rsplit(":", 1)
             shape = tuple(int(d) for d in dims.split("x")) if dims else ()
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            buf = self._buffer(off + count * dt.itemsize)
-            outs.append(np.frombuffer(buf, dtype=dt, count=count, offset=off).reshape(shape).copy())
-            off += count * dt.itemsize
+            out = self._read(shape, np.dtype(dtype), off)
+            outs.append(out)
+            off += out.nbytes
         return outs
 
     def close(self) -> None:
