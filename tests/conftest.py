@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import types
 
+import numpy as np
 import pytest
 
 from tvmedge.deploy.launch import start_tracker
@@ -93,3 +94,46 @@ def shapes_seg_tar(tmp_path_factory):
     art = d / "seg.tar"
     compile_model(load_model(onnx_path), resolve("host"), art)
     return art
+
+
+# ---------------------------------------------------------------- int8 graphs for kernel tests
+def extreme_ints(rng, shape, dtype):
+    """Random integers of ``dtype`` with its extremes at both ends (255 x -128 products must not wrap)."""
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+    a.flat[0] = info.max
+    a.flat[-1] = info.min
+    return a
+
+
+def int8_conv_module(xshape, w, strides, padding, pad_value=None, layout="NCHW"):
+    """An int8 conv (NCHW/OIHW, or NHWC/HWIO as ConvertLayout leaves it), as the quantizer writes it."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            inp = x
+            if pad_value is not None:  # what quantize.py writes for a non-zero zero point
+                t, left, b, r = padding
+                widths = [0, 0, t, b, left, r, 0, 0] if layout == "NHWC" else [0, 0, 0, 0, t, b, left, r]
+                inp = bb.emit(relax.op.nn.pad(x, widths, pad_value=float(pad_value)))
+                padding = (0, 0, 0, 0)
+            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32",
+                                           data_layout=layout, kernel_layout="HWIO" if layout == "NHWC" else "OIHW"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def int8_matmul_module(xshape, w):
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
+        bb.emit_func_output(out)
+    return bb.get()

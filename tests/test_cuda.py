@@ -11,6 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from conftest import extreme_ints, int8_conv_module, int8_matmul_module
 from tvmedge.core.errors import TvmedgeError
 from tvmedge.frontend import load_model
 from tvmedge.target import host_target_dict, resolve
@@ -200,3 +201,116 @@ def test_fp16_refused_for_cpu_targets(digits_onnx, tmp_path):
     with pytest.raises(TvmedgeError, match="--fp16 is for CUDA targets"):
         compile_model(load_model(digits_onnx), resolve("pi4"), tmp_path / "p.tar", fp16=True)
     assert not (tmp_path / "p.tar").exists()
+
+
+# ----------------------------------------------------------------------------- int8 dp4a
+def _host_vm(mod):
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+
+
+@pytest.mark.parametrize("xshape,wshape,strides,padding,pad_value", [
+    ((1, 3, 9, 9), (8, 3, 3, 3), (2, 2), (1, 1, 1, 1), None),  # stem: 3 channels padded to 4
+    ((2, 16, 7, 7), (12, 16, 1, 1), (1, 1), (0, 0, 0, 0), None),  # batch 2, 1x1
+    ((1, 6, 5, 6), (5, 6, 3, 3), (1, 1), (1, 0, 2, 1), 7),  # zero-point pad folded, odd O
+])
+def test_dp4a_conv_kernels_are_bit_exact(xshape, wshape, strides, padding, pad_value):
+    """The dp4a kernels' packing, padding and ``x - 128`` correction, with dp4a spelled out
+    as byte products (the CPU-buildable twin), against TVM's generic int8 conv2d."""
+    from tvmedge.lower import dp4a
+
+    rng = np.random.default_rng(0)
+    x, w = extreme_ints(rng, xshape, np.uint8), extreme_ints(rng, wshape, np.int8)
+    mod = int8_conv_module(xshape, w, strides, padding, pad_value)
+    new, layers = dp4a.rewrite(mod, dp4a.CHECK)
+    assert len(layers) == 1 and layers[0]["pad_folded"] == (pad_value is not None)
+    assert "R.nn.conv2d" not in new.script(show_meta=False)
+    import tvm
+
+    ref, got = (_host_vm(m)["main"](tvm.runtime.tensor(x)).numpy() for m in (mod, new))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_dp4a_matmul_kernel_is_bit_exact():
+    import tvm
+
+    from tvmedge.lower import dp4a
+
+    rng = np.random.default_rng(1)
+    x, w = extreme_ints(rng, (3, 10), np.uint8), extreme_ints(rng, (10, 7), np.int8)  # K = 10: padded to 12
+    mod = int8_matmul_module((3, 10), w)
+    new, layers = dp4a.rewrite(mod, dp4a.CHECK)
+    assert [entry["op"] for entry in layers] == ["matmul"]
+    ref, got = (_host_vm(m)["main"](tvm.runtime.tensor(x)).numpy() for m in (mod, new))
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.fixture(scope="module")
+def digits_int8(digits_onnx):
+    from tvmedge.optimize import data as data_mod
+    from tvmedge.optimize.quantize import quantize
+
+    model = load_model(digits_onnx)
+    q, _ = quantize(model, data_mod.load("digits", model, "calib", limit=64), progress=False)
+    return q
+
+
+def test_int8_on_xavier_uses_dp4a_and_nano_does_not(digits_int8, tmp_path):
+    """An int8 model for Xavier (sm_72) computes its convs and matmuls with ``dp4a`` in the
+    embedded PTX; Nano (sm_53) has no dp4a and keeps the generic int8 kernels."""
+    from tvmedge.build import compile_model
+
+    dp4a_ops = {}
+    for target in ("jetson-xavier", "jetson-nano"):
+        meta = compile_model(digits_int8, resolve(target), tmp_path / f"{target}.tar")
+        with tarfile.open(tmp_path / f"{target}.tar") as tar:
+            lib = tar.extractfile("model.so").read()
+        dp4a_ops[target] = len(re.findall(rb"\bdp4a\.s32\.s32\b", lib))
+        rewrites = [r for r in meta["rewrites"] if r.get("rewrite") == "int8-cuda-dp4a"]
+        assert meta["schedules"]["unscheduled"] == []
+        if target == "jetson-xavier":
+            assert rewrites == [{"rewrite": "int8-cuda-dp4a", "arch": "sm_72", "layers": 5, "conv2d": 3, "matmul": 2}]
+        else:
+            assert rewrites == []
+    assert dp4a_ops["jetson-xavier"] > 0 and dp4a_ops["jetson-nano"] == 0, dp4a_ops
+
+
+def test_dp4a_graph_is_bit_exact_with_the_generic_int8_model(digits_int8):
+    """The whole graph as prepared for Xavier (int8 convs with their requantize epilogues and
+    the matmuls on dp4a kernels), with the CPU-buildable twin kernels, gives the generic int8
+    model's outputs bit for bit on real digits."""
+    import tvm
+
+    from tvmedge.lower.pipeline import graph_passes
+    from tvmedge.optimize import data as data_mod
+
+    target = resolve("jetson-xavier").target
+    with target:
+        twin = tvm.transform.Sequential(graph_passes(target, dp4a_flavour="check"))(digits_int8.mod)
+    text = twin.script(show_meta=False)
+    assert text.count("def dp4a_check_") >= 3 and "R.nn.conv2d" not in text and "R.matmul" not in text
+    ref, got = _host_vm(digits_int8.mod), _host_vm(twin)
+    for s in data_mod.load("digits", digits_int8, "eval").samples[:64]:
+        x = tvm.runtime.tensor(s["input"])
+        np.testing.assert_array_equal(got["main"](x).numpy(), ref["main"](x).numpy())
+
+
+@pytest.mark.skipif("not _gpu()", reason="no CUDA GPU on this machine: dp4a kernels are run where one exists")
+def test_dp4a_model_runs_on_the_gpu_like_the_cpu(digits_int8):
+    import tvm
+
+    from tvmedge.build import lower
+
+    arch = int(tvm.cuda(0).compute_version.replace(".", ""))
+    if arch < 61:
+        pytest.skip(f"this GPU (sm_{arch}) has no dp4a")
+    device = resolve(json.dumps({"kind": "cuda", "arch": f"sm_{arch}", "host": host_target_dict()}))
+    gpu = tvm.relax.VirtualMachine(lower(digits_int8, device), tvm.cuda(0))
+    cpu = _host_vm(digits_int8.mod)
+    x = np.random.default_rng(0).random((1, 1, 8, 8)).astype("float32")
+    out, ref = gpu["main"](tvm.runtime.tensor(x, tvm.cuda(0))).numpy(), cpu["main"](tvm.runtime.tensor(x)).numpy()
+    # the int32 sums are exact; the float requantize may contract to FMAs on the GPU (a step apart)
+    assert out.argmax() == ref.argmax() and np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()

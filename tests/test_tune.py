@@ -58,6 +58,7 @@ def server_env() -> dict[str, str]:
     return {"TVM_NUM_THREADS": "1", "TMPDIR": tempfile.mkdtemp(prefix="tvmedge-test-dev-")}
 
 
+@pytest.mark.slow  # ~2.5 min (two tune runs with the end-to-end comparison): the longest default test
 def test_tune_local_then_compile_matches_onnxruntime_and_reuses(digits_onnx, tmp_path):
     import onnxruntime as ort
 

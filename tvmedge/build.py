@@ -8,8 +8,8 @@ rewrites and tuning database applied). The device needs only the plain TVM runti
 
 Target-specific rewrites run first (:func:`prepare`): on CPUs with an int8 dot-product
 instruction (x86 AVX-512 VNNI, AArch64 ``dotprod``) the int8 conv2d / matmul ops go to
-hand-scheduled kernels (:mod:`tvmedge.lower.int8_dot`; ``TVMEDGE_INT8_DOT=0`` turns that
-off), recorded in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the
+hand-scheduled kernels (:mod:`tvmedge.lower.int8_dot`; on CUDA sm_61+, e.g. Jetson Xavier, to
+``dp4a`` kernels, :mod:`tvmedge.lower.dp4a`; ``TVMEDGE_INT8_DOT=0`` turns both off), recorded in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the
 graph (NHWC on CPUs) and schedules every kernel: from tuning records where a database has
 them (the user's, or the ones shipped for the target's ISA class), else with tvmedge's
 default rules; the metadata's ``schedules`` counts which kernels got what.
@@ -31,11 +31,12 @@ from .target import Device
 
 
 def prepare(model: ImportedModel, device: Device) -> ImportedModel:
-    """``model`` with the rewrites its target calls for (int8 on dot-product kernels where the CPU has them)."""
-    from .lower.int8_dot import apply
+    """``model`` with the rewrites its target calls for (int8 on dot-product kernels where the
+    CPU has them, on ``dp4a`` kernels for CUDA sm_61+)."""
+    from .lower import dp4a, int8_dot
 
     try:
-        return apply(model, device.target)
+        return (dp4a.apply if device.device == "cuda" else int8_dot.apply)(model, device.target)
     except Exception as e:
         raise TvmedgeError(f"int8 dot-product rewrite for {device.name} failed: {first_line(e)}") from e
 

@@ -433,15 +433,72 @@ def _matmul_plan(call: Any) -> tuple | None:
     return data, wq, shape, int(np.prod(shape[:-1])) if len(shape) > 1 else 1, k, n
 
 
-def planned_layers(mod: Any) -> dict[str, int]:
-    """How many int8 conv2d / matmul ops of ``mod["main"]`` :func:`rewrite_dot` would take."""
+def planned_layers(mod: Any, layouts: tuple[str, ...] = ("NCHW", "NHWC")) -> dict[str, int]:
+    """How many int8 conv2d / matmul ops of ``mod["main"]`` :func:`rewrite_kernels` would take
+    (convs in ``layouts``)."""
     if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return {"conv2d": 0, "matmul": 0}
     binds = bindings(mod["main"])
     defs = {b.var: b.value for b in binds}
     ops = [b.value for b in binds]
-    return {"conv2d": sum(1 for v in ops if op_name(v) == "relax.nn.conv2d" and _conv_plan(v, defs) is not None),
+    return {"conv2d": sum(1 for v in ops if op_name(v) == "relax.nn.conv2d"
+                          and (_conv_plan(v, defs) or {}).get("layout") in layouts),
             "matmul": sum(1 for v in ops if op_name(v) == "relax.matmul" and _matmul_plan(v) is not None)}
+
+
+class Kernels:
+    """The kernels one instruction set gives the rewrite (:func:`rewrite_kernels`): a PrimFunc
+    per conv / matmul shape and the constants each call passes after the activation (packed
+    weights, correction). :class:`CpuKernels` here; CUDA ``dp4a`` in :mod:`tvmedge.lower.dp4a`."""
+
+    key = ""  # PrimFunc name prefix
+    layouts: tuple[str, ...] = ("NCHW", "NHWC")  # conv activation layouts taken
+
+    def conv(self, p: dict[str, Any], epi: Any) -> Any:
+        raise NotImplementedError
+
+    def conv_consts(self, wq: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def conv_info(self, ow: int, o: int) -> dict[str, Any]:
+        return {}
+
+    def matmul(self, m: int, k: int, n: int) -> Any:
+        raise NotImplementedError
+
+    def matmul_consts(self, wq: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def matmul_info(self, m: int, n: int) -> dict[str, Any]:
+        return {}
+
+
+class CpuKernels(Kernels):
+    """VNNI / ``sdot`` kernels of this module."""
+
+    def __init__(self, isa: DotIsa) -> None:
+        self.isa, self.key = isa, isa.key
+
+    def conv(self, p: dict[str, Any], epi: Any) -> Any:
+        n, c, h, w = p["shape"]
+        o, _, kh, kw = p["weight"].shape
+        return conv2d_func(n, c, h, w, o, kh, kw, p["strides"], p["padding"], p["pad_value"], isa=self.isa,
+                           layout=p["layout"], epilogue=epi)
+
+    def conv_consts(self, wq: np.ndarray) -> list[np.ndarray]:
+        return [pack_conv_weight(wq, self.isa.lanes)] + ([shift_correction(wq, 0)] if self.isa.shift else [])
+
+    def conv_info(self, ow: int, o: int) -> dict[str, Any]:
+        return {"tiles": list(conv_tiles(ow, o, self.isa))}
+
+    def matmul(self, m: int, k: int, n: int) -> Any:
+        return matmul_func(m, k, n, isa=self.isa)
+
+    def matmul_consts(self, wq: np.ndarray) -> list[np.ndarray]:
+        return [pack_matmul_weight(wq, self.isa.lanes)] + ([shift_correction(wq, 1)] if self.isa.shift else [])
+
+    def matmul_info(self, m: int, n: int) -> dict[str, Any]:
+        return {"tiles": list(matmul_tiles(m, n, self.isa))}
 
 
 class _Rewriter:
@@ -463,19 +520,27 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
     ``isa`` defaults to :func:`isa_for` ``target``. Returns the new module and one entry per
     rewritten op; does nothing (returns ``mod`` and ``[]``) when there is no instruction set
     for the target."""
+    isa = isa or isa_for(target)
+    if isa is None:
+        return mod, []
+    return rewrite_kernels(mod, CpuKernels(isa))
+
+
+def rewrite_kernels(mod: Any, kernels: Kernels) -> tuple[Any, list[dict[str, Any]]]:
+    """Replace the int8 conv2d / matmul ops of ``mod["main"]`` by ``kernels``' PrimFuncs, each
+    conv with its epilogue chain (:mod:`.epilogue`) inside. Returns the new module and one
+    entry per rewritten op (``mod`` and ``[]`` when nothing was taken)."""
     from tvm import relax
 
 
-    isa = isa or isa_for(target)
-    if isa is None or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod, []
     defs = {b.var: b.value for b in bindings(mod["main"])}
     state = _Rewriter()
-    lanes = isa.lanes
     # each conv's epilogue chain (bias, scale, requantize) goes into its kernel: the kernel
     # computes the chain's last value, and the conv and the chain's ops are left dead
     plans = {var: _conv_plan(v, defs) for var, v in defs.items() if op_name(v) == "relax.nn.conv2d"}
-    plans = {var: p for var, p in plans.items() if p is not None}
+    plans = {var: p for var, p in plans.items() if p is not None and p["layout"] in kernels.layouts}
     heads = {var: (int(p["weight"].shape[0]), 3 if p["layout"] == "NHWC" else 1) for var, p in plans.items()}
     found = epilogue.chains(mod["main"], heads) if os.environ.get(EPILOGUE_SWITCH, "1") != "0" else {}
     ends = {defs[e.end]: (plans[var], e) for var, e in found.items()}
@@ -502,37 +567,30 @@ def rewrite_dot(mod: Any, target: Any = None, isa: DotIsa | None = None) -> tupl
             (pt, pl, pb, pr), (sh, sw) = p["padding"], p["strides"]
             oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
             nhwc = p["layout"] == "NHWC"
-            key = (f"{isa.key}_conv2d", n, c, h, w, o, kh, kw, p["strides"], p["padding"], p["pad_value"], p["layout"],
-                   epi.key() if epi is not None else None)
-            gv = state.func(self.builder_, key, lambda: conv2d_func(n, c, h, w, o, kh, kw, p["strides"],
-                                                                     p["padding"], p["pad_value"], isa=isa,
-                                                                     layout=p["layout"], epilogue=epi))
+            key = (f"{kernels.key}_conv2d", n, c, h, w, o, kh, kw, p["strides"], p["padding"], p["pad_value"],
+                   p["layout"], epi.key() if epi is not None else None)
+            gv = state.func(self.builder_, key, lambda: kernels.conv(p, epi))
             state.layers.append({"op": "conv2d", "in": [n, c, h, w], "out": [n, o, oh, ow], "kernel": [kh, kw],
-                                 "stride": [sh, sw], "tiles": list(conv_tiles(ow, o, isa)),
+                                 "stride": [sh, sw], **kernels.conv_info(ow, o),
                                  "pad_folded": p["pad_value"] != 0, "layout": p["layout"],
                                  "epilogue": [s.op for s in epi.steps] if epi is not None else []})
             x = self.visit_expr(p["data"])
-            args = [x, relax.const(pack_conv_weight(wq, lanes))]
-            if isa.shift:
-                args.append(relax.const(shift_correction(wq, 0)))
-            args += [relax.const(v) for v in (epi.consts if epi is not None else [])]
+            consts = kernels.conv_consts(wq) + list(epi.consts if epi is not None else [])
             dtype = epi.dtype if epi is not None else "int32"
-            return relax.call_tir(gv, args, out_ty=relax.TensorType([n, oh, ow, o] if nhwc else [n, o, oh, ow], dtype))
+            return relax.call_tir(gv, [x] + [relax.const(v) for v in consts],
+                                  out_ty=relax.TensorType([n, oh, ow, o] if nhwc else [n, o, oh, ow], dtype))
 
         def matmul(self, call: Any) -> Any | None:
             plan = _matmul_plan(call)
             if plan is None:
                 return None
             data, wq, shape, m, k, n = plan
-            key = (f"{isa.key}_matmul", m, k, n)
-            gv = state.func(self.builder_, key, lambda: matmul_func(m, k, n, isa=isa))
-            state.layers.append({"op": "matmul", "m": m, "k": k, "n": n, "tiles": list(matmul_tiles(m, n, isa))})
+            gv = state.func(self.builder_, (f"{kernels.key}_matmul", m, k, n), lambda: kernels.matmul(m, k, n))
+            state.layers.append({"op": "matmul", "m": m, "k": k, "n": n, **kernels.matmul_info(m, n)})
             x = self.visit_expr(data)
             if len(shape) != 2:
                 x = self.builder_.emit(relax.op.reshape(x, [m, k]))
-            args = [x, relax.const(pack_matmul_weight(wq, lanes))]
-            if isa.shift:
-                args.append(relax.const(shift_correction(wq, 1)))
+            args = [x] + [relax.const(v) for v in kernels.matmul_consts(wq)]
             y = relax.call_tir(gv, args, out_ty=relax.TensorType([m, n], "int32"))
             if len(shape) != 2:
                 y = relax.op.reshape(self.builder_.emit(y), list(shape[:-1]) + [n])

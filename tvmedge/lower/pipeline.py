@@ -32,10 +32,11 @@ from .winograd import Winograd
 NHWC = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
-def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModule:
-    """Normalize, fold, convert layout (CPU), legalize and fuse. ``layout_free``: mark the
-    weights layout-free, as tuning does (records may then pre-pack them)."""
-    cpu = tvm.target.Target(target).kind.name == "llvm"
+def graph_passes(target, dp4a_flavour: str = "cuda") -> list:
+    """The graph-level passes ``prepare`` runs before legalization: normalize, fold, convert
+    layout (CPU) and the target's int8 kernel rewrites. ``dp4a_flavour``: ``"check"`` puts the
+    CPU-buildable twins of the CUDA ``dp4a`` kernels in the graph (tests build it for the host)."""
+    target = tvm.target.Target(target)
     passes = [
         relax.transform.FoldConstant(),
         NormalizeClip,
@@ -45,16 +46,26 @@ def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModul
         relax.transform.FoldConstant(),
         FoldConvAffine,  # BatchNorm that torch.export kept: into the conv's weights
     ]
-    if cpu:
+    if target.kind.name == "llvm":
         from .chanpad import PadChannels
         from .cpu_rules import _is_rvv, vector_lanes
 
         passes += [relax.transform.ConvertLayout(NHWC), relax.transform.FoldConstant(), DropPaddingTaps(),
-                   PermuteBeforeResize(), DotKernels(tvm.target.Target(target))]
+                   PermuteBeforeResize(), DotKernels(target)]
         if os.environ.get("TVMEDGE_CHANPAD", "1") != "0":
-            passes.append(PadChannels(vector_lanes(tvm.target.Target(target))))
-        if not _is_rvv(tvm.target.Target(target)):  # see lower/winograd.py
+            passes.append(PadChannels(vector_lanes(target)))
+        if not _is_rvv(target):  # see lower/winograd.py
             passes.append(Winograd())
+    elif target.kind.name == "cuda":
+        passes.append(Dp4aKernels(target, dp4a_flavour))
+    return passes
+
+
+def prepare(mod: tvm.IRModule, target, layout_free: bool = False) -> tvm.IRModule:
+    """Normalize, fold, convert layout (CPU), legalize and fuse. ``layout_free``: mark the
+    weights layout-free, as tuning does (records may then pre-pack them)."""
+    cpu = tvm.target.Target(target).kind.name == "llvm"
+    passes = graph_passes(target)
     passes += [
         relax.transform.LegalizeOps({**vecmath.legalize_map(), "relax.image.resize2d": legalize_resize2d} if cpu else None),
         relax.transform.AnnotateTIROpPattern(),
@@ -81,6 +92,19 @@ class DotKernels:
         from .int8_dot import rewrite_module
 
         return rewrite_module(mod, self.target)
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmedge.Dp4aKernels")
+class Dp4aKernels:
+    """int8 conv2d / matmul on CUDA ``dp4a`` kernels (``lower.dp4a``), sm_61 and newer."""
+
+    def __init__(self, target, flavour: str = "cuda") -> None:
+        self.target, self.flavour = target, flavour
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: D102
+        from .dp4a import rewrite_module
+
+        return rewrite_module(mod, self.target, self.flavour)
 
 
 def _copy(mod: tvm.IRModule) -> tvm.IRModule:
