@@ -230,6 +230,39 @@ def test_vectorized_sigmoid_is_within_3_ulp():
     assert ulp.max() <= 3.0, f"sigmoid off by {ulp.max():.2f} ulp at x={x[ulp.argmax()]}"
 
 
+def test_round_is_vectorized_and_rounds_half_to_even():
+    """An int8 model's requantize (divide, round, clamp, cast to uint8 over NHWC channels) is
+    built as vector code: with TOPI's ``nearbyint`` TVM's vectorizer gave up and LLVM
+    re-vectorized the wrong loop with gathers (lower.vecmath.round_half_even). Ties go to
+    even, as numpy's rint and ONNX Round."""
+    import re
+
+    import tvm
+    from tvm.script import relax as R
+
+    from tvmedge.core.vm import ModelVM
+    from tvmedge.lower.pipeline import build
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((1, 32, 32, 16), "float32")) -> R.Tensor((1, 32, 32, 16), "uint8"):
+            with R.dataflow():
+                y = R.round(R.divide(x, R.const(0.5, "float32")))
+                z = R.astype(R.clip(R.add(y, R.const(3.0, "float32")), 0, 255), "uint8")
+                R.output(z)
+            return z
+
+    host = resolve("host").target
+    ex, _ = build(Mod, host)
+    ir = "\n".join(m.inspect_source("ll") for m in ex.mod.imports if m.kind == "llvm")
+    assert "masked.gather" not in ir and re.search(r"llvm\.nearbyint\.v\d+f32", ir), "requantize not vectorized"
+    x = np.random.default_rng(0).uniform(-70, 70, (1, 32, 32, 16)).astype(np.float32)
+    x.flat[:6] = [0.25, 0.75, 1.25, -0.25, -0.75, 63.25]  # x / 0.5: ties 0.5, 1.5, 2.5, -0.5, -1.5, 126.5
+    (y,) = ModelVM(ex, tvm.cpu(0), ["x"])({"x": x})
+    np.testing.assert_array_equal(y, np.clip(np.rint(x / np.float32(0.5)) + 3, 0, 255).astype(np.uint8))
+
+
 class WideConv(nn.Module):
     """A conv and a dense layer whose weights are big enough to be packed per vector tile."""
 

@@ -17,6 +17,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from conftest import extreme_ints, int8_conv_module, int8_matmul_module
 from tvmedge import zoo
 from tvmedge.build import compile_model, lower, prepare
 from tvmedge.frontend import load_model
@@ -47,47 +48,6 @@ def _check(mod, args: list[np.ndarray], n_rewritten: int) -> None:
     np.testing.assert_array_equal(got, ref)
 
 
-def _rand(rng, shape, dtype):
-    info = np.iinfo(dtype)
-    a = rng.integers(info.min, info.max + 1, shape, dtype=dtype)
-    a.flat[0] = info.max  # the extremes: 255 x -128 products must not saturate
-    a.flat[-1] = info.min
-    return a
-
-
-def _conv_mod(xshape, w, strides, padding, pad_value=None, layout="NCHW"):
-    """An int8 conv (NCHW/OIHW, or NHWC/HWIO as ConvertLayout leaves it)."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            inp = x
-            if pad_value is not None:  # what quantize.py writes for a non-zero zero point
-                t, left, b, r = padding
-                widths = [0, 0, t, b, left, r, 0, 0] if layout == "NHWC" else [0, 0, 0, 0, t, b, left, r]
-                inp = bb.emit(relax.op.nn.pad(x, widths, pad_value=float(pad_value)))
-                padding = (0, 0, 0, 0)
-            y = bb.emit(relax.op.nn.conv2d(inp, relax.const(w), strides=strides, padding=padding, out_dtype="int32",
-                                           data_layout=layout, kernel_layout="HWIO" if layout == "NHWC" else "OIHW"))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _matmul_mod(xshape, w):
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(xshape), "uint8"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(x, relax.const(w), out_dtype="int32"))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 # (N, C, H, W), O, K, stride, padding (top, left, bottom, right)
 CONVS = [
     ((1, 1, 8, 8), 32, 3, 1, (1, 1, 1, 1)),      # 1 input channel (digits-cnn's first layer)
@@ -105,25 +65,25 @@ CONVS = [
 @pytest.mark.parametrize("xshape,o,k,stride,padding", CONVS)
 def test_conv_bit_exact(xshape, o, k, stride, padding):
     rng = np.random.default_rng(sum(xshape) + o)
-    w = _rand(rng, (o, xshape[1], k, k), np.int8)
-    x = _rand(rng, xshape, np.uint8)
-    _check(_conv_mod(xshape, w, (stride, stride), padding), [x], 1)
+    w = extreme_ints(rng, (o, xshape[1], k, k), np.int8)
+    x = extreme_ints(rng, xshape, np.uint8)
+    _check(int8_conv_module(xshape, w, (stride, stride), padding), [x], 1)
 
 
 @pytest.mark.parametrize("xshape,o,k,stride,padding", CONVS)
 def test_conv_nhwc_bit_exact(xshape, o, k, stride, padding):
     n, c, h, w_ = xshape
     rng = np.random.default_rng(sum(xshape) + o + 1)
-    w = _rand(rng, (k, k, c, o), np.int8)
-    x = _rand(rng, (n, h, w_, c), np.uint8)
-    _check(_conv_mod((n, h, w_, c), w, (stride, stride), padding, layout="NHWC"), [x], 1)
+    w = extreme_ints(rng, (k, k, c, o), np.int8)
+    x = extreme_ints(rng, (n, h, w_, c), np.uint8)
+    _check(int8_conv_module((n, h, w_, c), w, (stride, stride), padding, layout="NHWC"), [x], 1)
 
 
 def test_conv_nhwc_zero_point_pad_folded():
     rng = np.random.default_rng(2)
-    w = _rand(rng, (3, 3, 6, 24), np.int8)
-    x = _rand(rng, (1, 9, 7, 6), np.uint8)
-    mod = _conv_mod((1, 9, 7, 6), w, (2, 2), (1, 2, 1, 0), pad_value=97, layout="NHWC")
+    w = extreme_ints(rng, (3, 3, 6, 24), np.int8)
+    x = extreme_ints(rng, (1, 9, 7, 6), np.uint8)
+    mod = int8_conv_module((1, 9, 7, 6), w, (2, 2), (1, 2, 1, 0), pad_value=97, layout="NHWC")
     new, layers = rewrite_dot(mod, HOST.target)
     assert layers[0]["pad_folded"] and layers[0]["layout"] == "NHWC" and "R.nn.pad" not in new.script(show_meta=False)
     _check(mod, [x], 1)
@@ -132,9 +92,9 @@ def test_conv_nhwc_zero_point_pad_folded():
 def test_conv_zero_point_pad_folded():
     """A conv fed by ``R.nn.pad(pad_value=zp)``: the pad is folded into the kernel's relayout."""
     rng = np.random.default_rng(1)
-    w = _rand(rng, (24, 6, 3, 3), np.int8)
-    x = _rand(rng, (1, 6, 9, 7), np.uint8)
-    mod = _conv_mod((1, 6, 9, 7), w, (2, 2), (1, 2, 1, 0), pad_value=97)
+    w = extreme_ints(rng, (24, 6, 3, 3), np.int8)
+    x = extreme_ints(rng, (1, 6, 9, 7), np.uint8)
+    mod = int8_conv_module((1, 6, 9, 7), w, (2, 2), (1, 2, 1, 0), pad_value=97)
     new, layers = rewrite_dot(mod, HOST.target)
     assert layers[0]["pad_folded"] and "R.nn.pad" not in new.script(show_meta=False)
     _check(mod, [x], 1)
@@ -177,14 +137,15 @@ def test_conv_epilogue_fused_bit_exact(layout, o):
     write-back stage), NCHW writes channels-first."""
     rng = np.random.default_rng(o)
     c = 8
-    w = _rand(rng, (3, 3, c, o) if layout == "NHWC" else (o, c, 3, 3), np.int8)
-    x = _rand(rng, (1, 10, 12, c) if layout == "NHWC" else (1, c, 10, 12), np.uint8)
+    w = extreme_ints(rng, (3, 3, c, o) if layout == "NHWC" else (o, c, 3, 3), np.int8)
+    x = extreme_ints(rng, (1, 10, 12, c) if layout == "NHWC" else (1, c, 10, 12), np.uint8)
     bias = rng.integers(-5000, 5000, o).astype("int32")
     scale = (rng.integers(1, 40, o) * 2.0 ** -14).astype("float32")
     mod = _requant_mod(x.shape, w, bias, scale, layout)
     new, layers = rewrite_dot(mod, HOST.target)
-    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "maximum", "minimum", "divide", "round", "add",
-                                     "minimum", "maximum", "astype"]
+    # ReLU6's clamp is folded into the requantize clamp (lower.epilogue.merge_clamps)
+    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "divide", "round", "add", "maximum", "minimum",
+                                     "astype"]
     text = new.script(show_meta=False)
     assert text.count("R.call_tir") == 1 and "R.add" not in text and "R.round" not in text
     ref, got = _run(mod, [x]), _run(new, [x])
@@ -198,8 +159,8 @@ def test_conv_epilogue_stops_at_a_shared_value():
     from tvm import relax
 
     rng = np.random.default_rng(3)
-    w = _rand(rng, (3, 3, 8, 16), np.int8)
-    x = _rand(rng, (1, 6, 6, 8), np.uint8)
+    w = extreme_ints(rng, (3, 3, 8, 16), np.int8)
+    x = extreme_ints(rng, (1, 6, 6, 8), np.uint8)
     bias = rng.integers(-5000, 5000, 16).astype("int32")
     scale = np.full(16, 2.0 ** -10, "float32")
     mod = _requant_mod(x.shape, w, bias, scale, "NHWC", branch=True)
@@ -216,9 +177,9 @@ def test_conv_epilogue_stops_at_a_shared_value():
                                       ((2, 3, 20), 17), ((32, 256), 512)])
 def test_matmul_bit_exact(xshape, n):
     rng = np.random.default_rng(xshape[-1] + n)
-    w = _rand(rng, (xshape[-1], n), np.int8)
-    x = _rand(rng, xshape, np.uint8)
-    _check(_matmul_mod(xshape, w), [x], 1)
+    w = extreme_ints(rng, (xshape[-1], n), np.int8)
+    x = extreme_ints(rng, xshape, np.uint8)
+    _check(int8_matmul_module(xshape, w), [x], 1)
 
 
 def test_small_kernels_run_serially():

@@ -255,3 +255,55 @@ def test_rewrites_name_layers_alike(digits):
     lowrank = [r["layer"] for r in rep["layers"]] + [s["layer"] for s in rep["skipped"]]
     assert lowrank and set(lowrank) <= set(int8_names)
     assert "conv2d_1" in [s["layer"] for s in rep["skipped"]]  # the same first layer (1 input channel) by name
+
+
+# ---------------------------------------------------------------- requantize chain in the kernels
+def _run_chain(epi, x: np.ndarray) -> np.ndarray:
+    """The chain on float32 values ``x`` [N, O], op by op as the kernels compute it."""
+    v, consts = x.astype(np.float32), iter(epi.consts)
+    for step in epi.steps:
+        if step.op == "round":
+            v = np.rint(v)
+            continue
+        if step.op == "astype":
+            v = v.astype(step.dtype)
+            continue
+        c = next(consts).astype(np.float32)
+        v = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide,
+             "maximum": np.maximum, "minimum": np.minimum}[step.op](v, c).astype(np.float32)
+    return v
+
+
+def test_relu6_clamp_merges_into_the_requantize_clamp_exactly():
+    """ReLU6 before the next layer's requantize (divide, round, add the zero point, clamp to
+    0..255) folds into the final clamp: two ops fewer, the same uint8 for every input."""
+    from tvmedge.lower.epilogue import Epilogue, Step, merge_clamps
+
+    f = "float32"
+    s = lambda v: np.array([v], f)  # noqa: E731
+    scale = np.array([0.5, 1.0, 3.0], f)
+    for zp in (0.0, 3.0, 128.0):
+        steps = (Step("multiply", f, "channel"), Step("maximum", f, "scalar"), Step("minimum", f, "scalar"),
+                 Step("divide", f, "scalar"), Step("round", f), Step("add", f, "scalar"),
+                 Step("minimum", f, "scalar"), Step("maximum", f, "scalar"), Step("astype", "uint8"))
+        epi = Epilogue(steps, [scale, s(0), s(6), s(0.0213), s(zp), s(255), s(0)])
+        merged = merge_clamps(epi)
+        assert [st.op for st in merged.steps] == ["multiply", "divide", "round", "add", "maximum", "minimum", "astype"]
+        x = np.concatenate([np.linspace(-20, 20, 400001, dtype=f), s(0), s(6), s(-0.0), s(2), s(12), s(1e9), s(-1e9)])
+        x = np.repeat(x[:, None], 3, axis=1)
+        np.testing.assert_array_equal(_run_chain(merged, x), _run_chain(epi, x))
+
+
+def test_clamp_merge_keeps_chains_it_cannot_prove():
+    """A map that can decrease (a negative divisor), or a multiply right before an add (which
+    LLVM may fuse into one FMA), leaves the chain as it is."""
+    from tvmedge.lower.epilogue import Epilogue, Step, merge_clamps
+
+    f = "float32"
+    s = lambda v: np.array([v], f)  # noqa: E731
+    for mid, consts in (([Step("divide", f, "scalar"), Step("round", f)], [s(-0.5)]),
+                        ([Step("multiply", f, "scalar"), Step("add", f, "scalar")], [s(2.0), s(1.0)])):
+        steps = (Step("maximum", f, "scalar"), Step("minimum", f, "scalar"), *mid,
+                 Step("maximum", f, "scalar"), Step("minimum", f, "scalar"))
+        epi = Epilogue(steps, [s(0), s(6), *consts, s(0), s(255)])
+        assert merge_clamps(epi) is epi

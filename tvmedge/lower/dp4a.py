@@ -172,7 +172,7 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
 
     def write_back(ni, oc, y, xx):
         v = acc[ni, oc, y, xx] + corr[oc]
-        return epi.compute(epilogue, v, oc, extra) if epilogue is not None else v
+        return epi.compute(epilogue, v, oc, extra, cpu=False) if epilogue is not None else v
 
     out = te.compute((n, o, oh, ow), write_back, name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, wt, corr] + extra + [out]))
