@@ -278,7 +278,7 @@ def test_int8_on_xavier_uses_dp4a_and_nano_does_not(digits_int8, tmp_path):
     assert dp4a_ops["jetson-xavier"] > 0 and dp4a_ops["jetson-nano"] == 0, dp4a_ops
 
 
-def test_dp4a_graph_is_bit_exact_with_the_generic_int8_model(digits_int8):
+def test_dp4a_graph_is_bit_exact_with_the_generic_int8_model(digits_int8, monkeypatch):
     """The whole graph as prepared for Xavier (int8 convs with their requantize epilogues and
     the matmuls on dp4a kernels), with the CPU-buildable twin kernels, gives the generic int8
     model's outputs bit for bit on real digits."""
@@ -287,6 +287,7 @@ def test_dp4a_graph_is_bit_exact_with_the_generic_int8_model(digits_int8):
     from tvmedge.lower.pipeline import graph_passes
     from tvmedge.optimize import data as data_mod
 
+    monkeypatch.setenv("TVMEDGE_INT8_EXACT", "1")  # no float reassociation in the epilogues
     target = resolve("jetson-xavier").target
     with target:
         twin = tvm.transform.Sequential(graph_passes(target, dp4a_flavour="check"))(digits_int8.mod)

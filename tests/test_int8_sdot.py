@@ -178,8 +178,10 @@ def _remote_vm(session, executable, path):
 
 
 @pytest.mark.slow
-def test_kernels_bit_exact_on_emulated_pi5(pi5):
+def test_kernels_bit_exact_on_emulated_pi5(pi5, monkeypatch):
     import tvm
+
+    monkeypatch.setenv("TVMEDGE_INT8_EXACT", "1")  # the epilogues without float reassociation
 
     sess = pi5["session"]
     for i, (mod, x) in enumerate(_cases()):
@@ -205,6 +207,7 @@ def test_digits_int8_on_emulated_pi5(pi5, tmp_path, monkeypatch):
     assert rec and rec[0]["conv2d"] == 3 and rec[0]["matmul"] == 2
     assert prepare(q, PI4) is q  # Cortex-A72: no dot product, generic int8
 
+    monkeypatch.setenv("TVMEDGE_INT8_EXACT", "1")  # compared with the generic path below
     ex = lower(q, PI5)
     assert _sdot_count(ex) >= 5
     monkeypatch.setenv(ENV_SWITCH, "0")

@@ -131,26 +131,42 @@ def _requant_mod(xshape, w, bias, scale, layout, branch=False):
 
 
 @pytest.mark.parametrize("layout,o", [("NHWC", 32), ("NHWC", 24), ("NCHW", 32)])
-def test_conv_epilogue_fused_bit_exact(layout, o):
+def test_conv_epilogue_fused_bit_exact(layout, o, monkeypatch):
     """The bias / scale / ReLU6 / requantize chain runs inside the kernel (one call, uint8 out)
-    with the same result as the generic ops; O = 24 is not whole channel blocks (a separate
-    write-back stage), NCHW writes channels-first."""
-    rng = np.random.default_rng(o)
-    c = 8
-    w = extreme_ints(rng, (3, 3, c, o) if layout == "NHWC" else (o, c, 3, 3), np.int8)
-    x = extreme_ints(rng, (1, 10, 12, c) if layout == "NHWC" else (1, c, 10, 12), np.uint8)
-    bias = rng.integers(-5000, 5000, o).astype("int32")
-    scale = (rng.integers(1, 40, o) * 2.0 ** -14).astype("float32")
-    mod = _requant_mod(x.shape, w, bias, scale, layout)
+    with the same result as the generic ops (``TVMEDGE_INT8_EXACT=1``); O = 24 is not whole
+    channel blocks (a separate write-back stage), NCHW writes channels-first. ReLU6's clamp is
+    folded into the requantize clamp and the tail (round, zero point, clamp) runs in int32:
+    both exact."""
+    monkeypatch.setenv("TVMEDGE_INT8_EXACT", "1")
+    mod, x = _requant_case(layout, o)
     new, layers = rewrite_dot(mod, HOST.target)
-    # ReLU6's clamp is folded into the requantize clamp (lower.epilogue.merge_clamps)
-    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "divide", "round", "add", "maximum", "minimum",
+    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "divide", "round_int", "add", "maximum", "minimum",
                                      "astype"]
     text = new.script(show_meta=False)
     assert text.count("R.call_tir") == 1 and "R.add" not in text and "R.round" not in text
     ref, got = _run(mod, [x]), _run(new, [x])
     assert got.dtype == np.uint8 and ref.dtype == np.uint8 and 0 < got.mean() < 255
     np.testing.assert_array_equal(got, ref)
+
+
+def _requant_case(layout, o):
+    rng = np.random.default_rng(o)
+    c = 8
+    w = extreme_ints(rng, (3, 3, c, o) if layout == "NHWC" else (o, c, 3, 3), np.int8)
+    x = extreme_ints(rng, (1, 10, 12, c) if layout == "NHWC" else (1, c, 10, 12), np.uint8)
+    bias = rng.integers(-5000, 5000, o).astype("int32")
+    scale = (rng.integers(1, 40, o) * 2.0 ** -14).astype("float32")
+    return _requant_mod(x.shape, w, bias, scale, layout), x
+
+
+def test_conv_epilogue_folds_the_requantize_divide_into_the_scale():
+    """By default the dequantize scale and the requantize divisor are one multiply (a float
+    reassociation): a value within an ulp of a rounding tie may land one step off, no more."""
+    mod, x = _requant_case("NHWC", 32)
+    new, layers = rewrite_dot(mod, HOST.target)
+    assert layers[0]["epilogue"] == ["add", "astype", "multiply", "round_int", "add", "maximum", "minimum", "astype"]
+    ref, got = _run(mod, [x]).astype(int), _run(new, [x]).astype(int)
+    assert np.abs(got - ref).max() <= 1 and (got == ref).mean() >= 0.99
 
 
 def test_conv_epilogue_stops_at_a_shared_value():
@@ -256,6 +272,7 @@ def _vpdpbusd(executable) -> dict[str, int]:
 
 def test_digits_vnni_same_predictions_and_asm(digits_int8, monkeypatch):
     q, evals = digits_int8["q"], digits_int8["eval"]
+    monkeypatch.setenv("TVMEDGE_INT8_EXACT", "1")  # the epilogues without float reassociation
     ex_vnni = lower(q, HOST)
     # 512-bit vpdpbusd from the VNNI kernels; LLVM's own vectorizer, on the generic path, at
     # most uses a few 128-bit ones in a reduction tail
@@ -265,7 +282,7 @@ def test_digits_vnni_same_predictions_and_asm(digits_int8, monkeypatch):
     ex_generic = lower(q, HOST)
     assert _vpdpbusd(ex_generic)["zmm"] == 0
     out_v, out_g = _predictions(ex_vnni, evals), _predictions(ex_generic, evals)
-    # int32 accumulators are bit-exact, the float epilogue is the same code: same logits
+    # int32 accumulators are bit-exact, the float epilogue computes the same: same logits
     np.testing.assert_array_equal(out_v, out_g)
     acc = float((out_v.argmax(1) == evals.labels).mean())
     assert acc > 0.97

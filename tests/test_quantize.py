@@ -265,12 +265,15 @@ def _run_chain(epi, x: np.ndarray) -> np.ndarray:
         if step.op == "round":
             v = np.rint(v)
             continue
+        if step.op == "round_int":
+            v = np.rint(v).astype(np.int32)
+            continue
         if step.op == "astype":
             v = v.astype(step.dtype)
             continue
-        c = next(consts).astype(np.float32)
+        c = next(consts).astype(step.dtype)
         v = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide,
-             "maximum": np.maximum, "minimum": np.minimum}[step.op](v, c).astype(np.float32)
+             "maximum": np.maximum, "minimum": np.minimum}[step.op](v, c).astype(step.dtype)
     return v
 
 
@@ -307,3 +310,26 @@ def test_clamp_merge_keeps_chains_it_cannot_prove():
                  Step("maximum", f, "scalar"), Step("minimum", f, "scalar"))
         epi = Epilogue(steps, [s(0), s(6), *consts, s(0), s(255)])
         assert merge_clamps(epi) is epi
+
+
+def test_requantize_tail_in_integers_is_exact_within_its_bounds():
+    """round / add zero point / clamp / astype run as int32 ops after one rounding conversion
+    when the accumulator's bounds keep the value within +-2^30; the same uint8 for every
+    accumulator value in those bounds. A scale that could overflow int32 keeps the float tail."""
+    from tvmedge.lower.epilogue import Epilogue, Step, integer_tail
+
+    f = "float32"
+    s = lambda v: np.array([v], f)  # noqa: E731
+    steps = (Step("astype", f), Step("multiply", f, "channel"), Step("divide", f, "scalar"), Step("round", f),
+             Step("add", f, "scalar"), Step("maximum", f, "scalar"), Step("minimum", f, "scalar"),
+             Step("astype", "uint8"))
+    scale = np.array([1e-3, 3.7e-4], f)
+    epi = Epilogue(steps, [scale, s(0.0213), s(128), s(0), s(255)])
+    lo, hi = np.array([-3e6, -1e5]), np.array([3e6, 2e5])
+    tail = integer_tail(epi, lo, hi)
+    assert [st.op for st in tail.steps] == ["astype", "multiply", "divide", "round_int", "add", "maximum", "minimum",
+                                            "astype"]
+    acc = np.stack([np.arange(-3_000_000, 3_000_000, 7), np.arange(-3_000_000, 3_000_000, 7) // 20], 1)
+    acc[:, 1] = np.clip(acc[:, 1], -100_000, 200_000)
+    np.testing.assert_array_equal(_run_chain(tail, acc.astype(np.int32)), _run_chain(epi, acc.astype(np.int32)))
+    assert integer_tail(epi, lo * 1e6, hi * 1e6) is epi  # the value could leave int32

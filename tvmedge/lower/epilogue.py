@@ -17,6 +17,7 @@ bit-identical), with the constants as the kernel's extra inputs (:func:`inputs`)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,8 +121,115 @@ def chains(func: Any, heads: dict[Any, tuple[int, int]]) -> dict[Any, Epilogue]:
                 consts.append(step[1])
             cur = end = b.var
         if steps:
-            found[head] = merge_clamps(Epilogue(tuple(steps), consts, end))
+            epi = merge_clamps(Epilogue(tuple(steps), consts, end))
+            found[head] = epi if exact() else fold_scales(epi)
     return found
+
+
+EXACT_SWITCH = "TVMEDGE_INT8_EXACT"  # "1": no float reassociation (bit-identical with the generic int8 ops)
+
+
+def exact() -> bool:
+    """Whether ``TVMEDGE_INT8_EXACT`` asks for epilogues bit-identical with the generic ops."""
+    return os.environ.get(EXACT_SWITCH, "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+def fold_scales(epi: Epilogue) -> Epilogue:
+    """The dequantize scale and the requantize divisor as one multiply: ``x * a / b`` ->
+    ``x * (a / b)`` (a float reassociation: a value whose quotient lands within an ulp of a
+    rounding tie may come out one quantization step off; ``TVMEDGE_INT8_EXACT=1`` keeps both).
+    The divide was the chain's most expensive instruction (a 512-bit ``vdivps`` issues every
+    5-10 cycles, the chain's other ops every cycle or two)."""
+    items, it = [], iter(epi.consts)
+    for step in epi.steps:
+        items.append((step, next(it) if step.operand is not None else None))
+    out: list[tuple[Step, np.ndarray | None]] = []
+    k = 0
+    while k < len(items):
+        step, const = items[k]
+        nxt = items[k + 1] if k + 1 < len(items) else None
+        if (step.op == "multiply" and nxt is not None and nxt[0].op == "divide" and not nxt[0].left
+                and step.dtype == "float32" and nxt[0].dtype == "float32"):
+            a, b = const.astype(np.float32), nxt[1].astype(np.float32)
+            c = (a / b).astype(np.float32)
+            kind = "channel" if "channel" in (step.operand, nxt[0].operand) else "scalar"
+            if np.all(np.isfinite(c)):
+                out.append((Step("multiply", "float32", kind), c.reshape(-1)))
+                k += 2
+                continue
+        out.append((step, const))
+        k += 1
+    if len(out) == len(items):
+        return epi
+    return Epilogue(tuple(s for s, _ in out), [c for _, c in out if c is not None], epi.end)
+
+
+def _interval(steps: list[tuple[Step, np.ndarray | None]], lo: np.ndarray, hi: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bounds (per channel) of the chain's value after ``steps``, from the accumulator's; None
+    where an op is not one this follows."""
+    lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+    for step, const in steps:
+        if step.op == "astype":
+            continue
+        if step.op == "round":
+            lo, hi = np.floor(lo), np.ceil(hi)
+            continue
+        c = const.astype(np.float64)
+        if step.op in ("add", "subtract") and not (step.op == "subtract" and step.left):
+            lo, hi = (lo + c, hi + c) if step.op == "add" else (lo - c, hi - c)
+        elif step.op == "multiply" or (step.op == "divide" and not step.left and np.all(c != 0)):
+            c = c if step.op == "multiply" else 1.0 / c
+            lo, hi = np.minimum(lo * c, hi * c), np.maximum(lo * c, hi * c)
+        elif step.op == "maximum":
+            lo, hi = np.maximum(lo, c), np.maximum(hi, c)
+        elif step.op == "minimum":
+            lo, hi = np.minimum(lo, c), np.minimum(hi, c)
+        else:
+            return None
+        lo, hi = lo * (1 - 2.0 ** -20) - 1, hi * (1 + 2.0 ** -20) + 1  # float32 rounding on the way
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    return lo, hi
+
+
+def integer_tail(epi: Epilogue, acc_lo: np.ndarray, acc_hi: np.ndarray) -> Epilogue:
+    """The chain's ``round, add zero point, clamp, astype int`` tail in integers: ``round``
+    becomes one float -> int32 conversion rounding to even (``llvm.lrint``: ``vcvtps2dq``, where
+    ``nearbyint`` + a truncating conversion were two instructions) and the add and clamp int32
+    ops. Exact: taken only when the bounds of the value before ``round`` (followed from the
+    accumulator's ``[acc_lo, acc_hi]`` per channel) stay within +-2^30, the constants are whole
+    numbers and the clamp keeps the result within +-2^24 and the target dtype (so a float sum
+    that rounded, beyond 2^24, is clamped to the same bound as the exact integer one)."""
+    items, it = [], iter(epi.consts)
+    for step in epi.steps:
+        items.append((step, next(it) if step.operand is not None else None))
+    r = next((k for k, (st, _) in enumerate(items) if st.op == "round"), None)
+    if r is None or items[r][0].dtype != "float32":
+        return epi
+    end = r + 1
+    while end < len(items) and items[end][0].op in ("add", "subtract", "maximum", "minimum"):
+        end += 1
+    tail = items[r + 1:end]
+    if end >= len(items) or items[end][0].op != "astype" or items[end][0].dtype not in ("uint8", "int8", "int32"):
+        return epi
+    bounds = _interval(items[:r], acc_lo, acc_hi)
+    if bounds is None or max(np.abs(bounds[0]).max(), np.abs(bounds[1]).max()) >= 2.0 ** 30:
+        return epi
+    info = np.iinfo(items[end][0].dtype)
+    consts = [c for st, c in tail]
+    if any(st.dtype != "float32" or (st.op == "subtract" and st.left) for st, _ in tail) \
+            or any(not np.all(np.isfinite(c)) or not np.all(c == np.round(c)) or np.abs(c).max() >= 2.0 ** 24
+                   for c in consts):
+        return epi
+    lows = [c for st, c in tail if st.op == "maximum"]
+    highs = [c for st, c in tail if st.op == "minimum"]
+    if not lows or not highs or tail[-1][0].op not in CLAMPS or tail[-2][0].op not in CLAMPS \
+            or min(c.min() for c in lows) < max(info.min, -2 ** 24) or max(c.max() for c in highs) > min(info.max, 2 ** 24):
+        return epi
+    new = items[:r] + [(Step("round_int", "int32"), None)]
+    new += [(Step(st.op, "int32", st.operand, st.left), c.astype(np.int32)) for st, c in tail]
+    new += items[end:]
+    return Epilogue(tuple(s for s, _ in new), [c for _, c in new if c is not None], epi.end)
 
 
 CLAMPS = ("maximum", "minimum")
@@ -280,6 +388,10 @@ def compute(epilogue: Epilogue, value: Any, oc: Any, tensors: list[Any], cpu: bo
         if step.op == "round":
             # relax.round is nearbyint (ties to even); on CPUs as TVM vectorizes it
             value = round_half_even(value) if cpu else tirx.nearbyint(value)
+            continue
+        if step.op == "round_int":  # float32 -> int32, rounding half to even (integer_tail)
+            value = (tirx.call_llvm_pure_intrin("int32", "llvm.lrint", value) if cpu
+                     else tirx.nearbyint(value).astype("int32"))
             continue
         if step.op == "astype":
             value = value.astype(step.dtype)

@@ -463,6 +463,10 @@ class Kernels:
     def conv_info(self, ow: int, o: int) -> dict[str, Any]:
         return {}
 
+    def conv_epilogue(self, epi: Any, wq: np.ndarray) -> Any:
+        """The conv's epilogue as this kernel set computes it (``wq``: int8 OIHW weights)."""
+        return epi
+
     def matmul(self, m: int, k: int, n: int) -> Any:
         raise NotImplementedError
 
@@ -490,6 +494,12 @@ class CpuKernels(Kernels):
 
     def conv_info(self, ow: int, o: int) -> dict[str, Any]:
         return {"tiles": list(conv_tiles(ow, o, self.isa))}
+
+    def conv_epilogue(self, epi: Any, wq: np.ndarray) -> Any:
+        # uint8 activations: the accumulator lies within 255 x the sum of the negative /
+        # positive weights of its output channel
+        w = wq.astype(np.int64).reshape(wq.shape[0], -1)
+        return epilogue.integer_tail(epi, 255.0 * np.minimum(w, 0).sum(1), 255.0 * np.maximum(w, 0).sum(1))
 
     def matmul(self, m: int, k: int, n: int) -> Any:
         return matmul_func(m, k, n, isa=self.isa)
@@ -563,6 +573,7 @@ def rewrite_kernels(mod: Any, kernels: Kernels) -> tuple[Any, list[dict[str, Any
         def conv(self, p: dict[str, Any], epi: Any = None) -> Any:
             n, c, h, w = p["shape"]
             wq = p["weight"]
+            epi = kernels.conv_epilogue(epi, wq) if epi is not None else None
             o, _, kh, kw = wq.shape
             (pt, pl, pb, pr), (sh, sw) = p["padding"], p["strides"]
             oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
