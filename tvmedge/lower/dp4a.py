@@ -28,8 +28,10 @@ tunes the rest of the graph). They are a first, plain schedule: no shared-memory
 not measured on a GPU (none in this project's machines). What is checked here without a GPU:
 the PTX holds ``dp4a`` for sm_72 (``tests/test_cuda.py``), and the same kernels with
 ``dp4a`` spelled out as byte products (:data:`CHECK`, built for this CPU) are bit-exact with
-the generic int8 ops, op by op and through a whole quantized model. ``TVMEDGE_INT8_DOT=0``
-turns the rewrite off.
+the generic int8 ops, op by op and through a whole quantized model (with
+``TVMEDGE_INT8_EXACT=1``: by default the epilogue folds the requantize divide into the scale,
+as on CPUs, see :func:`tvmedge.lower.epilogue.fold_scales`). ``TVMEDGE_INT8_DOT=0`` turns the
+rewrite off.
 """
 
 from __future__ import annotations

@@ -259,18 +259,21 @@ def _apply(items: list[tuple[Step, np.ndarray | None]], value: np.ndarray) -> np
     """The steps on constants, in float32 as the kernel computes them (IEEE ops, round half to even)."""
     v = value.astype(np.float32)
     for step, const in items:
-        c = None if const is None else const.astype(np.float32)
-        if step.op == "round":
-            v = np.rint(v)
-        elif step.op == "add":
-            v = v + c
-        elif step.op == "subtract":
-            v = v - c
-        elif step.op == "multiply":
-            v = v * c
-        else:
-            v = v / c
+        v = np.rint(v) if step.op == "round" else _binary(step.op, v, const.astype(np.float32), tir=False)
     return v.astype(np.float32)
+
+
+def _binary(op: str, a: Any, b: Any, tir: bool) -> Any:
+    """``a op b`` for a chain step, on TIR expressions or numpy arrays."""
+    import operator
+
+    if op in ("add", "subtract", "multiply"):
+        return {"add": operator.add, "subtract": operator.sub, "multiply": operator.mul}[op](a, b)
+    if tir:
+        from tvm import tirx
+
+        return {"divide": tirx.Div, "maximum": tirx.max, "minimum": tirx.min}[op](a, b)
+    return {"divide": np.divide, "maximum": np.maximum, "minimum": np.minimum}[op](a, b)
 
 
 def _bounds(run: list[tuple[Step, np.ndarray | None]]) -> tuple[np.ndarray | None, np.ndarray | None] | None:
@@ -398,17 +401,5 @@ def compute(epilogue: Epilogue, value: Any, oc: Any, tensors: list[Any], cpu: bo
             continue
         t = next(it)
         c = t[oc] if step.operand == "channel" else t[0]
-        a, b = (c, value) if step.left else (value, c)
-        if step.op == "add":
-            value = a + b
-        elif step.op == "subtract":
-            value = a - b
-        elif step.op == "multiply":
-            value = a * b
-        elif step.op == "divide":
-            value = tirx.Div(a, b)
-        elif step.op == "maximum":
-            value = tirx.max(a, b)
-        else:
-            value = tirx.min(a, b)
+        value = _binary(step.op, *((c, value) if step.left else (value, c)), tir=True)
     return value
