@@ -239,7 +239,13 @@ def test_cli_optimize_compile_run(digits):
     assert report["bytes_after"] < report["bytes_before"] / 3
     assert_real_int8(load_model(out), 5)
     tar = d / "cli.tar"
-    cli("compile", str(out), "-o", str(tar))
+    proc = cli("compile", str(out), "-o", str(tar))
+    from tvmedge.lower.int8_dot import isa_for
+    from tvmedge.target import resolve
+
+    isa = isa_for(resolve("host").target)
+    if isa is not None:  # the compile output says which int8 kernels the layers got
+        assert "int8 kernels: 3 conv2d + 2 matmul on" in proc.stdout and isa.rewrite in proc.stdout
     run = json.loads(cli("run", str(tar), "--json", "--repeat", "3").stdout)
     assert run["outputs"][0]["shape"] == [1, 10]
 

@@ -65,7 +65,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if sch["record_failed"]:
             line += f"; records that failed to apply (default rule used instead): {', '.join(sch['record_failed'])}"
         print(line)
+        dot = {"int8-x86-vnni": "VNNI (vpdpbusd)", "int8-arm-sdot": "sdot", "int8-cuda-dp4a": "dp4a"}
         for r in meta["rewrites"]:
+            if r.get("rewrite") in dot:
+                print(f"int8 kernels: {r.get('conv2d', 0)} conv2d + {r.get('matmul', 0)} matmul on "
+                      f"{dot[r['rewrite']]} ({r['rewrite']})")
             if r.get("name") == "fp16":
                 c = r["check"]
                 print(f"fp16: max error {c['max_rel_error']:.2g} of the output range vs fp32 "
