@@ -198,8 +198,9 @@ def integer_tail(epi: Epilogue, acc_lo: np.ndarray, acc_hi: np.ndarray) -> Epilo
     ``nearbyint`` + a truncating conversion were two instructions) and the add and clamp int32
     ops. Exact: taken only when the bounds of the value before ``round`` (followed from the
     accumulator's ``[acc_lo, acc_hi]`` per channel) stay within +-2^30, the constants are whole
-    numbers and the clamp keeps the result within +-2^24 and the target dtype (so a float sum
-    that rounded, beyond 2^24, is clamped to the same bound as the exact integer one)."""
+    numbers, there is one add at most and the clamp keeps the result within +-2^24 and the
+    target dtype (so a float sum that rounded, beyond 2^24, is clamped to the same bound as the
+    exact integer one)."""
     items, it = [], iter(epi.consts)
     for step in epi.steps:
         items.append((step, next(it) if step.operand is not None else None))
@@ -217,7 +218,9 @@ def integer_tail(epi: Epilogue, acc_lo: np.ndarray, acc_hi: np.ndarray) -> Epilo
         return epi
     info = np.iinfo(items[end][0].dtype)
     consts = [c for st, c in tail]
-    if any(st.dtype != "float32" or (st.op == "subtract" and st.left) for st, _ in tail) \
+    # one add at most: two float adds of large values can each round and land inside the clamp
+    if sum(st.op in ("add", "subtract") for st, _ in tail) > 1 \
+            or any(st.dtype != "float32" or (st.op == "subtract" and st.left) for st, _ in tail) \
             or any(not np.all(np.isfinite(c)) or not np.all(c == np.round(c)) or np.abs(c).max() >= 2.0 ** 24
                    for c in consts):
         return epi
