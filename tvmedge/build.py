@@ -9,10 +9,11 @@ rewrites and tuning database applied). The device needs only the plain TVM runti
 Target-specific rewrites run first (:func:`prepare`): on CPUs with an int8 dot-product
 instruction (x86 AVX-512 VNNI, AArch64 ``dotprod``) the int8 conv2d / matmul ops go to
 hand-scheduled kernels (:mod:`tvmedge.lower.int8_dot`; on CUDA sm_61+, e.g. Jetson Xavier, to
-``dp4a`` kernels, :mod:`tvmedge.lower.dp4a`; ``TVMEDGE_INT8_DOT=0`` turns both off), recorded in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the
-graph (NHWC on CPUs) and schedules every kernel: from tuning records where a database has
-them (the user's, or the ones shipped for the target's ISA class), else with tvmedge's
-default rules; the metadata's ``schedules`` counts which kernels got what.
+``dp4a`` kernels, :mod:`tvmedge.lower.dp4a`; ``TVMEDGE_INT8_DOT=0`` turns both off), recorded
+in the artifact's ``rewrites``. Then :mod:`tvmedge.lower.pipeline` fuses the graph (NHWC on
+CPUs) and schedules every kernel: from tuning records where a database has them (the
+user's, or the ones shipped for the target's ISA class), else with tvmedge's default rules;
+the metadata's ``schedules`` counts which kernels got what.
 """
 
 from __future__ import annotations

@@ -37,14 +37,13 @@ rewrite off.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
 import numpy as np
 
 from ..core.graph import finish_kernel, first_divisor
-from .int8_dot import ENV_SWITCH, Kernels, _ceil, planned_layers, rewrite_kernels, shift_correction
+from .int8_dot import Kernels, _ceil, planned_layers, rewrite_kernels, shift_correction, switched_off
 
 REWRITE = "int8-cuda-dp4a"
 CUDA = "cuda"  # kernels with __dp4a and GPU thread bindings
@@ -69,9 +68,7 @@ def has_dp4a(target: Any) -> bool:
 
 def enabled(target: Any) -> bool:
     """:func:`has_dp4a` ``target``, unless ``TVMEDGE_INT8_DOT`` is ``0``."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
-        return False
-    return has_dp4a(target)
+    return not switched_off() and has_dp4a(target)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -122,6 +119,19 @@ def _dot4(a: Any, b: Any, flavour: str) -> Any:
         prod = ((a >> (8 * k)).astype("int8").astype("int32")) * ((b >> (8 * k)).astype("int8").astype("int32"))
         total = prod if total is None else total + prod
     return total
+
+
+def _thread_tile(sch: Any, blk: Any, spatial: Any, reduce_from: Any) -> None:
+    """``spatial`` (a fused loop of ``blk``) over blocks x :data:`THREADS` threads, each thread's
+    results in registers (``local``) initialised above ``reduce_from``, and the ``out`` stage
+    (correction, epilogue) applied to them on the way out."""
+    bx, tx = sch.split(spatial, [None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    tile = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_inline(sch.get_sblock("out"))
+    sch.reverse_compute_at(tile, tx)
+    sch.decompose_reduction(blk, reduce_from)
 
 
 def _bind_flat(sch: Any, block: Any) -> None:
@@ -186,13 +196,7 @@ def conv2d_func(n: int, c: int, h: int, w: int, o: int, kh: int, kw: int, stride
         oco, oci = sch.split(oc, [None, ot])
         xo, xi = sch.split(xx, [None, xt])
         sch.reorder(ni, oco, y, xo, r_c, r_h, r_w, oci, xi)
-        bx, tx = sch.split(sch.fuse(ni, oco, y, xo), [None, THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        tile = sch.cache_write(blk, 0, "local")
-        sch.reverse_compute_inline(sch.get_sblock("out"))  # the epilogue runs on the registers
-        sch.reverse_compute_at(tile, tx)
-        sch.decompose_reduction(blk, r_c)
+        _thread_tile(sch, blk, sch.fuse(ni, oco, y, xo), r_c)
         sch.unroll(oci)
         sch.unroll(xi)
     return finish_kernel(sch)
@@ -224,13 +228,7 @@ def matmul_func(m: int, k: int, n: int, flavour: str = CUDA):
         _bind_flat(sch, sch.get_sblock("pack"))
         blk = sch.get_sblock("acc")
         i, j, rr = sch.get_loops(blk)
-        bx, tx = sch.split(sch.fuse(i, j), [None, THREADS])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        tile = sch.cache_write(blk, 0, "local")
-        sch.reverse_compute_inline(sch.get_sblock("out"))
-        sch.reverse_compute_at(tile, tx)
-        sch.decompose_reduction(blk, rr)
+        _thread_tile(sch, blk, sch.fuse(i, j), rr)
     return finish_kernel(sch)
 
 

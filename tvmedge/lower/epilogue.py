@@ -58,6 +58,18 @@ class Epilogue:
         """What makes two kernels' epilogues the same code (their constants are inputs)."""
         return self.steps
 
+    def items(self) -> list[tuple[Step, np.ndarray | None]]:
+        """Each step with its constant (None for unary steps)."""
+        it = iter(self.consts)
+        return [(step, next(it) if step.operand is not None else None) for step in self.steps]
+
+    def with_items(self, items: list[tuple[Step, np.ndarray | None]]) -> Epilogue:
+        """The same chain end with ``items`` as its steps (``self`` when they are its own)."""
+        steps = tuple(step for step, _ in items)
+        if steps == self.steps and all(a is b for (_, a), (_, b) in zip(items, self.items())):
+            return self
+        return Epilogue(steps, [c for _, c in items if c is not None], self.end)
+
 
 def _uses(func: Any) -> dict[Any, int]:
     """How many times each var of ``func`` is read."""
@@ -140,9 +152,7 @@ def fold_scales(epi: Epilogue) -> Epilogue:
     rounding tie may come out one quantization step off; ``TVMEDGE_INT8_EXACT=1`` keeps both).
     The divide was the chain's most expensive instruction (a 512-bit ``vdivps`` issues every
     5-10 cycles, the chain's other ops every cycle or two)."""
-    items, it = [], iter(epi.consts)
-    for step in epi.steps:
-        items.append((step, next(it) if step.operand is not None else None))
+    items = epi.items()
     out: list[tuple[Step, np.ndarray | None]] = []
     k = 0
     while k < len(items):
@@ -159,9 +169,7 @@ def fold_scales(epi: Epilogue) -> Epilogue:
                 continue
         out.append((step, const))
         k += 1
-    if len(out) == len(items):
-        return epi
-    return Epilogue(tuple(s for s, _ in out), [c for _, c in out if c is not None], epi.end)
+    return epi.with_items(out)
 
 
 def _interval(steps: list[tuple[Step, np.ndarray | None]], lo: np.ndarray, hi: np.ndarray
@@ -201,9 +209,7 @@ def integer_tail(epi: Epilogue, acc_lo: np.ndarray, acc_hi: np.ndarray) -> Epilo
     numbers, there is one add at most and the clamp keeps the result within +-2^24 and the
     target dtype (so a float sum that rounded, beyond 2^24, is clamped to the same bound as the
     exact integer one)."""
-    items, it = [], iter(epi.consts)
-    for step in epi.steps:
-        items.append((step, next(it) if step.operand is not None else None))
+    items = epi.items()
     r = next((k for k, (st, _) in enumerate(items) if st.op == "round"), None)
     if r is None or items[r][0].dtype != "float32":
         return epi
@@ -232,7 +238,7 @@ def integer_tail(epi: Epilogue, acc_lo: np.ndarray, acc_hi: np.ndarray) -> Epilo
     new = items[:r] + [(Step("round_int", "int32"), None)]
     new += [(Step(st.op, "int32", st.operand, st.left), c.astype(np.int32)) for st, c in tail]
     new += items[end:]
-    return Epilogue(tuple(s for s, _ in new), [c for _, c in new if c is not None], epi.end)
+    return epi.with_items(new)
 
 
 CLAMPS = ("maximum", "minimum")
@@ -297,9 +303,7 @@ def merge_clamps(epi: Epilogue) -> Epilogue:
     exactly, for any non-decreasing ``f``. The quantizer's ReLU6 before the next layer's
     requantize (divide, round, add the zero point, clamp to 0..255) costs two vector ops per
     value less (a fifth of the chain)."""
-    items, it = [], iter(epi.consts)
-    for step in epi.steps:
-        items.append((step, next(it) if step.operand is not None else None))
+    items = epi.items()
 
     def is_clamp(k: int) -> bool:
         step = items[k][0]
@@ -337,10 +341,7 @@ def merge_clamps(epi: Epilogue) -> Epilogue:
                   for op, v in (("maximum", lo_v), ("minimum", hi_v)) if v is not None]
         items = items[:i] + middle + merged + items[end:]
         i = i + len(middle) + len(merged)
-    steps = tuple(step for step, _ in items)
-    if steps == epi.steps:
-        return epi
-    return Epilogue(steps, [c for _, c in items if c is not None], epi.end)
+    return epi.with_items(items)
 
 
 def _step(call: Any, cur: Any, channels: int, channel_axis: int) -> tuple[Step, np.ndarray | None] | None:

@@ -165,11 +165,14 @@ def isa_for(target: Any) -> DotIsa | None:
     return None
 
 
+def switched_off() -> bool:
+    """Whether ``TVMEDGE_INT8_DOT=0`` turns the int8 kernel rewrites (CPU and CUDA) off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no")
+
+
 def enabled(target: Any) -> DotIsa | None:
     """:func:`isa_for` ``target``, unless ``TVMEDGE_INT8_DOT`` is ``0``."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
-        return None
-    return isa_for(target)
+    return None if switched_off() else isa_for(target)
 
 
 # ----------------------------------------------------------------------------- weights
